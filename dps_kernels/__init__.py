@@ -1,0 +1,10 @@
+"""dps_kernels: Dynamic Parameter Selection (Zhang et al., NeurIPS 2022) as a drop-in optimizer.
+
+Importing this package never probes devices, imports Triton or compiles anything; backends
+load on first use.
+"""
+from .backends import available_backends
+
+__version__ = "0.1.0"
+
+__all__ = ["available_backends", "__version__"]
