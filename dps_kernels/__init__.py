@@ -4,7 +4,9 @@ Importing this package never probes devices, imports Triton or compiles anything
 load on first use.
 """
 from .backends import available_backends
+from .mix import attach
+from .optim import DPSAdamW
 
 __version__ = "0.1.0"
 
-__all__ = ["available_backends", "__version__"]
+__all__ = ["DPSAdamW", "attach", "available_backends", "__version__"]
