@@ -1,0 +1,87 @@
+"""Triton backend: fused DPS + AdamW step, radix-select threshold, Mix weight/grad kernels.
+
+Runs on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` (the Triton
+interpreter: how CI and reviewers without a GPU exercise the kernels). Importing this
+module does not import triton; the kernels (``dps_kernels.ops.triton``) and the
+``torch.library`` ops are loaded on first use.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from typing import Optional
+
+import torch
+
+from . import interpreter_enabled
+from .base import Backend, MixMask, TensorStep
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def unavailable_reason() -> Optional[str]:
+    """None when the Triton backend can run here, else why not."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    if not torch.cuda.is_available() and not interpreter_enabled():
+        return ("no CUDA device is available and TRITON_INTERPRET is not set "
+                "(set TRITON_INTERPRET=1 to run the kernels in the Triton interpreter on CPU)")
+    return None
+
+
+class TritonBackend(Backend):
+    name = "triton"
+
+    def __init__(self):
+        self._ops = None
+        self._fused_step = None
+
+    def _load(self):
+        """Import the kernels and register the torch.library ops, once."""
+        if self._ops is None:
+            from ..ops.triton import fused_step, library
+            self._fused_step = fused_step.FusedStep()
+            self._ops = library.register()
+        return self._ops
+
+    def supports(self, tensor: torch.Tensor) -> Optional[str]:
+        if tensor.dtype not in SUPPORTED_DTYPES:
+            return f"dtype {tensor.dtype} is not one of fp32, bf16, fp16"
+        if tensor.device.type == "cpu" and not interpreter_enabled():
+            return "CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter)"
+        if tensor.device.type not in ("cpu", "cuda"):
+            return f"device {tensor.device} is neither CUDA nor CPU (interpreter)"
+        if not tensor.is_contiguous():
+            return "the tensor is not contiguous (the fused kernels walk flat memory)"
+        if tensor.numel() >= 2**31 - 4096:
+            return "tensors of 2**31 or more elements are not supported"
+        return None
+
+    def step(self, tasks: list[TensorStep], freeze: bool) -> None:
+        self._load()
+        # Gradients are only read: a contiguous copy of an odd-strided one is harmless.
+        tasks = [t if t.grad.is_contiguous() else dataclasses.replace(t, grad=t.grad.contiguous())
+                 for t in tasks]
+        self._fused_step(tasks, freeze)
+
+    def select_threshold(self, gam, column_factor, k, approx: bool = False):
+        """Exact k-th largest score (``approx=True``: one radix pass, see radix_select.py)."""
+        ops = self._load()
+        return ops.select_threshold(gam, column_factor, int(k), bool(approx))
+
+    def mix_weight(self, weight, anchor, mask: MixMask, p, out_dtype=None):
+        ops = self._load()
+        return ops.mix_weight(weight, anchor, mask.cols, _key(mask), mask.keep_threshold,
+                              mask.gam, mask.column_factor, mask.threshold, float(p), out_dtype)
+
+    def mix_grad(self, grad, mask: MixMask):
+        ops = self._load()
+        return ops.mix_grad(grad, mask.cols, _key(mask), mask.keep_threshold, mask.gam,
+                            mask.column_factor, mask.threshold)
+
+
+def _key(mask: MixMask) -> Optional[int]:
+    return mask.column_key
+
+
+BACKEND = TritonBackend()

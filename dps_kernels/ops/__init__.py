@@ -1,0 +1,1 @@
+"""Compute kernels, one subpackage per backend technology (loaded lazily by the backends)."""

@@ -1,0 +1,63 @@
+"""``torch.library`` registration of the functional Triton ops, so torch.compile sees them.
+
+Registered with ``torch.library.triton_op`` (the launcher body doubles as the fake
+implementation: it only allocates and launches through ``wrap_triton``, so it traces with
+fake tensors), on first use of the backend, never at ``import dps_kernels``:
+
+    dps_kernels::triton_mix_weight(weight, anchor, cols, column_key?, keep_threshold,
+                                   gam?, column_factor?, threshold?, p, out_dtype?) -> Tensor
+    dps_kernels::triton_mix_grad(grad, cols, column_key?, keep_threshold, gam?,
+                                 column_factor?, threshold?) -> Tensor
+    dps_kernels::triton_select_threshold(gam, column_factor?, k, approx) -> Tensor (0-d fp32)
+
+The optimizer step (``fused_step``) is not an op: it mutates a variable list of tensors
+through a pointer table, which no schema can describe; it runs outside compiled graphs,
+like ``torch.optim``'s own fused kernels.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Optional
+
+import torch
+
+from . import mix, radix_select
+
+_OPS: Optional[SimpleNamespace] = None
+
+
+def register() -> SimpleNamespace:
+    """Define the ops once per process; returns callables ``mix_weight``, ``mix_grad``,
+    ``select_threshold`` (the ``torch.ops.dps_kernels`` entries)."""
+    global _OPS
+    if _OPS is not None:
+        return _OPS
+    from torch.library import triton_op, wrap_triton
+
+    @triton_op("dps_kernels::triton_mix_weight", mutates_args=())
+    def triton_mix_weight(weight: torch.Tensor, anchor: torch.Tensor, cols: int,
+                          column_key: Optional[int], keep_threshold: int,
+                          gam: Optional[torch.Tensor], column_factor: Optional[torch.Tensor],
+                          threshold: Optional[torch.Tensor], p: float,
+                          out_dtype: Optional[torch.dtype]) -> torch.Tensor:
+        return mix.mix_weight(weight, anchor, cols, column_key, keep_threshold, gam,
+                              column_factor, threshold, p, out_dtype, launch=wrap_triton)
+
+    @triton_op("dps_kernels::triton_mix_grad", mutates_args=())
+    def triton_mix_grad(grad: torch.Tensor, cols: int, column_key: Optional[int],
+                        keep_threshold: int, gam: Optional[torch.Tensor],
+                        column_factor: Optional[torch.Tensor],
+                        threshold: Optional[torch.Tensor]) -> torch.Tensor:
+        return mix.mix_grad(grad, cols, column_key, keep_threshold, gam, column_factor,
+                            threshold, launch=wrap_triton)
+
+    @triton_op("dps_kernels::triton_select_threshold", mutates_args=())
+    def triton_select_threshold(gam: torch.Tensor, column_factor: Optional[torch.Tensor],
+                                k: int, approx: bool) -> torch.Tensor:
+        return radix_select.select_threshold(gam, column_factor, k, approx,
+                                             launch=wrap_triton)
+
+    ops = torch.ops.dps_kernels
+    _OPS = SimpleNamespace(mix_weight=ops.triton_mix_weight, mix_grad=ops.triton_mix_grad,
+                           select_threshold=ops.triton_select_threshold)
+    return _OPS

@@ -1,0 +1,178 @@
+"""Exact k-th largest score by radix select on the fp32 bit pattern, threshold left on device.
+
+Score: Dense ``s = GAM``; Mix ``s = GAM * factor[col]`` (one fp32 multiply, bit-identical to
+``reference.mix_score``), recomputed in every pass instead of being stored.
+
+Order-preserving key: ``key = bits ^ 0x80000000`` for s >= +0, ``~bits`` for negative s, so
+unsigned key order is float order (scores are >= 0 here, the map just makes any sign safe;
+-0.0 and +0.0 get different keys but compare equal, so the mask is unaffected).
+
+Passes over the 32 key bits, most significant first (12 + 10 + 10 bits):
+  1. histogram of ``key >> 20`` (4096 bins) of all elements;
+  2. histogram of bits 19..10 (1024 bins) of the elements whose top 12 bits equal the prefix;
+  3. histogram of bits 9..0 (1024 bins) of the elements matching the top 22 bits.
+After each histogram a one-program "pick" kernel finds the bin b holding the k-th largest
+(``count(bins > b) < k <= count(bins >= b)``), appends b to the prefix and sets
+``k -= count(bins > b)``, all on the device (prefix and remaining k live in a small int32
+workspace). After pass 3 the prefix is the exact key of the k-th largest value; the last
+pick writes it, decoded, to a 0-d fp32 tensor. No host sync; 7 launches per tensor
+(1 memset + 3 histograms + 3 picks), whatever the size.
+
+Bytes moved per element: 4 (GAM) per pass, 12 in all (+ the factor vector, cached).
+torch.sort moves >= 4 reads + 12 writes per element per radix pass plus an index payload.
+
+Histograms: each program accumulates a private histogram of its tiles with
+``tl.histogram`` and adds it to the global one with one vector ``atomic_add``. Elements that
+do not match the prefix (or lie past the end) are counted in bin 0 and subtracted again,
+which avoids relying on ``tl.histogram``'s ``mask`` argument (absent in older Triton).
+
+approx=True stops after pass 1: threshold = the smallest float whose top 12 key bits are
+the bin b, i.e. sign, 8 exponent bits and the top 3 mantissa bits of the exact k-th
+largest value v with the rest zeroed. For positive normal v: ``thr <= v < thr * (1 + 2**-3)``,
+so the mask is a superset of the exact one, holding every element of bin b: at most
+``count(bin b) - 1`` extra elements (elements within 12.5% below v).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+PASSES = ((20, 4096), (10, 1024), (0, 1024))   # (shift, bins) of each pass
+WORKSPACE = 2 + sum(bins for _, bins in PASSES)  # [prefix, remaining k, histograms...]
+BLOCK = 1024
+
+
+@triton.jit
+def _score_key(gam_ptr, factor_ptr, offs, inb, cols, HAS_FACTOR: tl.constexpr):
+    s = tl.load(gam_ptr + offs, mask=inb, other=0.0)
+    if HAS_FACTOR:
+        s = s * tl.load(factor_ptr + offs % cols, mask=inb, other=0.0)
+    bits = s.to(tl.uint32, bitcast=True)
+    sign = tl.full((), 0x80000000, tl.uint32)
+    return tl.where((bits & sign) != 0, ~bits, bits | sign)
+
+
+@triton.jit
+def _radix_hist_kernel(
+    gam_ptr,      # fp32 [n]: GAM
+    factor_ptr,   # fp32 [cols]: Mix column factor (unused when HAS_FACTOR is False)
+    work_ptr,     # int32 workspace: [prefix, remaining k, histograms of every pass]
+    n,            # elements
+    cols,         # columns of the Mix score
+    tiles,        # tiles of BLOCK elements per program
+    HIST_OFFSET: tl.constexpr,  # where this pass's histogram starts in the workspace
+    SHIFT: tl.constexpr,        # low bit of this pass's digit
+    NUM_BINS: tl.constexpr,     # 2**digit bits
+    HIGH: tl.constexpr,         # SHIFT + digit bits: the bits above are the known prefix
+    FIRST: tl.constexpr,        # first pass: no prefix to match
+    HAS_FACTOR: tl.constexpr,   # Mix score
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    prefix = tl.load(work_ptr).to(tl.uint32, bitcast=True)
+    hist = tl.zeros([NUM_BINS], dtype=tl.int32)
+    skipped = tl.full((), 0, tl.int32)
+    for i in range(tiles):
+        offs = (pid * tiles + i) * BLOCK + tl.arange(0, BLOCK)
+        inb = offs < n
+        key = _score_key(gam_ptr, factor_ptr, offs, inb, cols, HAS_FACTOR)
+        if FIRST:
+            valid = inb
+        else:
+            valid = inb & ((key >> HIGH) == (prefix >> HIGH))
+        digit = tl.where(valid, (key >> SHIFT) & (NUM_BINS - 1), 0).to(tl.int32)
+        hist += tl.histogram(digit, NUM_BINS)
+        skipped += tl.sum(1 - valid.to(tl.int32), axis=0)
+    bins = tl.arange(0, NUM_BINS)
+    hist -= tl.where(bins == 0, skipped, 0)
+    tl.atomic_add(work_ptr + HIST_OFFSET + bins, hist, mask=hist != 0)
+
+
+@triton.jit
+def _radix_pick_kernel(
+    work_ptr,    # int32 workspace: [prefix, remaining k, histograms of every pass]
+    out_ptr,     # fp32 0-d: the threshold (written by the last pass, or by pass 1 if approx)
+    k,           # k of the selection (read by the first pass only)
+    HIST_OFFSET: tl.constexpr,
+    SHIFT: tl.constexpr,
+    NUM_BINS: tl.constexpr,
+    FIRST: tl.constexpr,
+    WRITE: tl.constexpr,        # write the threshold after this pass
+):
+    bins = tl.arange(0, NUM_BINS)
+    hist = tl.load(work_ptr + HIST_OFFSET + bins)
+    if FIRST:
+        remaining = k
+        prefix = tl.full((), 0, tl.uint32)
+    else:
+        remaining = tl.load(work_ptr + 1)
+        prefix = tl.load(work_ptr).to(tl.uint32, bitcast=True)
+    total = tl.sum(hist, axis=0)
+    above = total - tl.cumsum(hist, axis=0)   # elements in bins strictly above each bin
+    hit = (above < remaining) & (above + hist >= remaining)
+    b = tl.max(tl.where(hit, bins, -1), axis=0)
+    remaining -= tl.sum(tl.where(bins == b, above, 0), axis=0)
+    prefix = prefix | (b.to(tl.uint32) << SHIFT)
+    tl.store(work_ptr, prefix.to(tl.int32, bitcast=True))
+    tl.store(work_ptr + 1, remaining)
+    if WRITE:
+        sign = tl.full((), 0x80000000, tl.uint32)
+        bits = tl.where((prefix & sign) != 0, prefix ^ sign, ~prefix)
+        tl.store(out_ptr, bits.to(tl.float32, bitcast=True))
+
+
+def _programs(n: int, device: torch.device) -> int:
+    blocks = triton.cdiv(n, BLOCK)
+    if device.type == "cuda":
+        # A few programs per SM: enough to fill the GPU, few global atomics per bin.
+        return min(blocks, 4 * torch.cuda.get_device_properties(device).multi_processor_count)
+    return min(blocks, 4)
+
+
+def select_threshold(gam: torch.Tensor, column_factor: Optional[torch.Tensor], k: int,
+                     approx: bool = False, launch=None) -> torch.Tensor:
+    """k-th largest of ``gam`` (or ``gam * column_factor[col]``) as a 0-d fp32 device tensor.
+
+    ``launch`` wraps each kernel (``wrap_triton`` under torch.library).
+    """
+    if gam.dtype != torch.float32 or not gam.is_contiguous():
+        raise ValueError(f"gam must be a contiguous fp32 tensor, got {gam.dtype}, "
+                         f"contiguous={gam.is_contiguous()}")
+    n = gam.numel()
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, {n}], got {k}")
+    if n >= 2**31 - BLOCK:
+        raise ValueError(f"selection over 2**31 or more elements is not supported (n={n})")
+    has_factor = column_factor is not None
+    cols = 1
+    if has_factor:
+        cols = column_factor.numel()
+        if (column_factor.dtype != torch.float32 or not column_factor.is_contiguous()
+                or cols < 1 or n % cols or column_factor.device != gam.device):
+            raise ValueError(f"column_factor must be a contiguous fp32 vector on {gam.device} "
+                             f"whose length divides {n}, got {column_factor.dtype} "
+                             f"[{cols}] on {column_factor.device}")
+    work = torch.zeros(WORKSPACE, dtype=torch.int32, device=gam.device)
+    out = torch.empty((), dtype=torch.float32, device=gam.device)
+    programs = _programs(n, gam.device)
+    tiles = triton.cdiv(triton.cdiv(n, BLOCK), programs)
+    factor = column_factor if has_factor else gam
+    hist_kernel, pick_kernel = _radix_hist_kernel, _radix_pick_kernel
+    if launch is not None:
+        hist_kernel, pick_kernel = launch(hist_kernel), launch(pick_kernel)
+    offset = 2
+    passes = PASSES[:1] if approx else PASSES
+    for i, (shift, bins) in enumerate(passes):
+        last = i == len(passes) - 1
+        hist_kernel[(programs,)](
+            gam, factor, work, n, cols, tiles, HIST_OFFSET=offset, SHIFT=shift,
+            NUM_BINS=bins, HIGH=shift + bins.bit_length() - 1, FIRST=i == 0,
+            HAS_FACTOR=has_factor, BLOCK=BLOCK)
+        pick_kernel[(1,)](
+            work, out, k, HIST_OFFSET=offset, SHIFT=shift, NUM_BINS=bins, FIRST=i == 0,
+            WRITE=last)
+        offset += bins
+    return out
