@@ -48,15 +48,16 @@ class MixHandle:
     def __init__(self, optimizer):
         self.optimizer = optimizer
         self.hooks = []
-        self.param_ids = []
+        self.params = []
 
     def remove(self) -> None:
         for hook in self.hooks:
             hook.remove()
-        for pid in self.param_ids:
-            self.optimizer._wired.pop(pid, None)
+        for param in self.params:
+            self.optimizer._wired.pop(id(param), None)
+            param.__dict__.pop("_dps_mix_owner", None)
         self.hooks.clear()
-        self.param_ids.clear()
+        self.params.clear()
 
 
 def attach(model: nn.Module, optimizer) -> MixHandle:
@@ -94,7 +95,7 @@ def attach(model: nn.Module, optimizer) -> MixHandle:
             param = module._parameters[name]
             param._dps_mix_owner = weakref.ref(optimizer)
             optimizer._wired[id(param)] = handle
-            handle.param_ids.append(id(param))
+            handle.params.append(param)
     return handle
 
 
