@@ -75,6 +75,8 @@ class Result:
     peak_memory_bytes: object
     backend: str
     optimizer_impl: str
+    change_pair_s: float = 0.0  # the last Stage I step + the first Stage II step
+    runs: int = 1
 
 
 def parse_args(argv=None):
@@ -99,6 +101,9 @@ def parse_args(argv=None):
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument("--clip", type=float, default=1.0, help="gradient clipping norm (0: off)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="run every variant this many times, in rotated order, and pool the "
+                         "timed steps (evens out load drift on a shared machine)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="bench/out", help="folder for the .md, .jsonl and .png")
@@ -122,6 +127,8 @@ def parse_args(argv=None):
     for v in args.variants:
         if v not in VARIANTS:
             ap.error(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
+    if args.repeats < 1:
+        ap.error(f"--repeats must be >= 1, got {args.repeats}")
     if args.update_steps < 2:
         ap.error(f"--update-steps must be >= 2 (Stage II must last a step after the "
                  f"selection is inspected), got {args.update_steps}")
@@ -268,8 +275,9 @@ def run_variant(variant, base_model, batches, args, device, progress=None) -> Re
     state = optimizer_state_bytes(opt) + (authors.state_bytes() if authors else 0)
     peak = torch.cuda.max_memory_allocated(device) if cuda else None
     is_dps = variant != "vanilla"
-    result = Result(variant=variant, times_s=times, stages=stages,
-                    change_index=3 * us - first_timed, final_loss=losses[-1],
+    change = 3 * us - first_timed  # index of the last Stage I step among the timed ones
+    result = Result(variant=variant, times_s=times, stages=stages, change_index=change,
+                    change_pair_s=times[change] + times[change + 1], final_loss=losses[-1],
                     first_loss=losses[0], last_stage=stage_of(total, us) if is_dps else None,
                     selected_fraction=fraction if is_dps else None, state_bytes=state,
                     peak_memory_bytes=peak, backend=backend, optimizer_impl=impl)
@@ -277,6 +285,30 @@ def run_variant(variant, base_model, batches, args, device, progress=None) -> Re
         authors.detach()
     del model, opt, authors
     return result
+
+
+def pool_runs(runs):
+    """One Result from repeated runs of a variant: timed steps pooled, the rest from run 1.
+
+    Runs of one variant are deterministic apart from time (same seed, same batches), so
+    loss, stage, selection and state bytes agree; the peak memory is the largest seen.
+    The stage-change pair is the median over runs.
+    """
+    first = runs[0]
+    if len(runs) == 1:
+        return first
+    times, stages = [], []
+    for r in runs:
+        times += r.times_s
+        stages += r.stages
+    pairs = [r.change_pair_s for r in runs]
+    peaks = [r.peak_memory_bytes for r in runs if r.peak_memory_bytes is not None]
+    pooled = copy.copy(first)
+    pooled.times_s, pooled.stages = times, stages
+    pooled.change_pair_s = statistics.median(pairs)
+    pooled.peak_memory_bytes = max(peaks) if peaks else None
+    pooled.runs = len(runs)
+    return pooled
 
 
 # -------------------------------------------------------------------------- summary
@@ -292,7 +324,7 @@ def summarize(results, base_model, args, device, conditions):
         stage2 = [t for t, s in zip(r.times_s, r.stages) if s != STAGE_ONE]
         # The selection runs in the last Stage I step (dps_kernels, in step()) or in the
         # first Stage II forward (authors-style): the pair of steps around it holds it.
-        change = r.times_s[r.change_index] + r.times_s[r.change_index + 1]
+        change = r.change_pair_s
         row = {
             "bench": "e2e", "variant": r.variant, "backend": r.backend,
             "optimizer_impl": r.optimizer_impl,
@@ -303,7 +335,7 @@ def summarize(results, base_model, args, device, conditions):
             "stage1_median_s": statistics.median(stage1) if stage1 else None,
             "stage2_median_s": statistics.median(stage2) if stage2 else None,
             "stage_change_pair_s": change,
-            "timed_steps": len(r.times_s),
+            "timed_steps": len(r.times_s), "runs": r.runs,
             "samples_per_s": args.batch / median,
             "tokens_per_s": args.batch * args.seq / median,
             "peak_memory_bytes": r.peak_memory_bytes,
@@ -323,7 +355,7 @@ def summarize(results, base_model, args, device, conditions):
         row["config"] = {
             "model": args.model, **MODEL_SHAPES[args.model], "batch": args.batch,
             "seq": args.seq, "precision": args.precision, "update_steps": args.update_steps,
-            "warmup": args.warmup, "p": args.p, "lr": args.lr,
+            "warmup": args.warmup, "repeats": args.repeats, "p": args.p, "lr": args.lr,
             "weight_decay": args.weight_decay, "clip": args.clip, "seed": args.seed,
             "torch_threads": torch.get_num_threads(),
         }
@@ -350,20 +382,25 @@ def main(argv=None):
     conditions = run_conditions(device, args.argv)
     base_model = build_base_model(args)
     batches = make_batches(args, base_model.config.vocab_size, device)
-    steps = 4 * args.update_steps * len(args.variants)
+    steps = 4 * args.update_steps * len(args.variants) * args.repeats
     progress = None
     if not args.no_progress:
         from tqdm.auto import tqdm
         progress = tqdm(total=steps, unit="step", desc="e2e", leave=False)
-    results = []
+    runs = {v: [] for v in args.variants}
     try:
-        for variant in args.variants:
-            if progress is not None:
-                progress.set_postfix_str(variant)
-            results.append(run_variant(variant, base_model, batches, args, device, progress))
+        for rep in range(args.repeats):
+            # Rotate the order so that no variant always runs first (cold caches) or last.
+            shift = rep % len(args.variants)
+            for variant in args.variants[shift:] + args.variants[:shift]:
+                if progress is not None:
+                    progress.set_postfix_str(f"{variant} ({rep + 1}/{args.repeats})")
+                runs[variant].append(run_variant(variant, base_model, batches, args, device,
+                                                 progress))
     finally:
         if progress is not None:
             progress.close()
+    results = [pool_runs(runs[v]) for v in args.variants]
     rows = summarize(results, base_model, args, device, conditions)
     paths = report.write_all(rows, args.out, args.name)
     print(report.markdown(rows))

@@ -39,7 +39,9 @@ def conditions_lines(row) -> list[str]:
         f"- batch {c['batch']}, sequence {c['seq']}, {c['precision']}, clip {c['clip']}, "
         f"lr {c['lr']}, weight decay {c['weight_decay']}, p {c['p']}, update steps "
         f"{c['update_steps']}; timed: steps {2 * c['update_steps'] + c['warmup'] + 1}-"
-        f"{4 * c['update_steps']} ({row['timed_steps']} steps: Stage I, selection, Stage II)",
+        f"{4 * c['update_steps']} of each run (Stage I, selection, Stage II), "
+        f"{row['runs']} run(s) per variant in rotated order, {row['timed_steps']} timed steps "
+        f"pooled per variant; torch threads {c['torch_threads']}",
         f"- commit {commit}, {row['timestamp']}; command: `{row['command']}`",
     ]
 
