@@ -18,12 +18,12 @@ fi
 source "$VENV/bin/activate"
 if ! python -c "import torch" 2>/dev/null; then
     echo "[setup] installing $TORCH_SPEC"
-    pip install -q "$TORCH_SPEC"
+    pip install -qq "$TORCH_SPEC"
 fi
 echo "[setup] installing test and benchmark dependencies"
-pip install -q "setuptools>=64" wheel ninja pytest triton transformers accelerate matplotlib tqdm
+pip install -qq "setuptools>=64" wheel ninja pytest triton transformers accelerate matplotlib tqdm
 echo "[setup] installing dps_kernels (editable, building the C++ CPU backend)"
-MAX_JOBS="${MAX_JOBS:-2}" pip install -q --no-build-isolation -e "$ROOT"
+MAX_JOBS="${MAX_JOBS:-2}" pip install -qq --no-build-isolation -e "$ROOT"
 python - <<'PY'
 import torch, dps_kernels
 print(f"[setup] torch {torch.__version__}, dps_kernels {dps_kernels.__version__}, "
