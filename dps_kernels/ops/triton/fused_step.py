@@ -250,7 +250,8 @@ class FusedStep:
             _dps_step_kernel[plan.grid](
                 plan.addr, plan.meta, dyn, plan.block_tensor, plan.block_start,
                 PARAM_DTYPE=TORCH_TO_TL[pdtype], GRAD_DTYPE=TORCH_TO_TL[gdtype],
-                FREEZE=bool(freeze), EMULATE_RNE=interpreter_enabled(), BLOCK=BLOCK, num_warps=4, enable_fp_fusion=False)
+                FREEZE=bool(freeze), EMULATE_RNE=interpreter_enabled(), BLOCK=BLOCK,
+                num_warps=4, enable_fp_fusion=False)
 
     def _plan(self, group: list[TensorStep], device: torch.device, freeze: bool) -> _Plan:
         key = (device, bool(freeze)) + tuple(

@@ -34,6 +34,14 @@ def register() -> SimpleNamespace:
         return _OPS
     from torch.library import triton_op, wrap_triton
 
+    def _wrap(kernel):
+        # Interpreted kernels (TRITON_INTERPRET=1) cannot be traced; recent torch returns
+        # them unwrapped, older torch raises: launch them directly in both cases.
+        try:
+            return wrap_triton(kernel)
+        except RuntimeError:
+            return kernel
+
     @triton_op("dps_kernels::triton_mix_weight", mutates_args=())
     def triton_mix_weight(weight: torch.Tensor, anchor: torch.Tensor, cols: int,
                           column_key: Optional[int], keep_threshold: int,
@@ -41,7 +49,7 @@ def register() -> SimpleNamespace:
                           threshold: Optional[torch.Tensor], p: float,
                           out_dtype: Optional[torch.dtype]) -> torch.Tensor:
         return mix.mix_weight(weight, anchor, cols, column_key, keep_threshold, gam,
-                              column_factor, threshold, p, out_dtype, launch=wrap_triton)
+                              column_factor, threshold, p, out_dtype, launch=_wrap)
 
     @triton_op("dps_kernels::triton_mix_grad", mutates_args=())
     def triton_mix_grad(grad: torch.Tensor, cols: int, column_key: Optional[int],
@@ -49,13 +57,13 @@ def register() -> SimpleNamespace:
                         column_factor: Optional[torch.Tensor],
                         threshold: Optional[torch.Tensor]) -> torch.Tensor:
         return mix.mix_grad(grad, cols, column_key, keep_threshold, gam, column_factor,
-                            threshold, launch=wrap_triton)
+                            threshold, launch=_wrap)
 
     @triton_op("dps_kernels::triton_select_threshold", mutates_args=())
     def triton_select_threshold(gam: torch.Tensor, column_factor: Optional[torch.Tensor],
                                 k: int, approx: bool) -> torch.Tensor:
         return radix_select.select_threshold(gam, column_factor, k, approx,
-                                             launch=wrap_triton)
+                                             launch=_wrap)
 
     ops = torch.ops.dps_kernels
     _OPS = SimpleNamespace(mix_weight=ops.triton_mix_weight, mix_grad=ops.triton_mix_grad,

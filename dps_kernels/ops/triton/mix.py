@@ -5,7 +5,11 @@
 
 M is never materialised: Stage I uses the column keep-hash of (key, col) (keep_mask.py);
 Stage II uses ``GAM * factor[col] >= thr`` (Dense-style ``GAM >= thr`` without a factor).
-``where(M, W, A)`` is exact for M in {0, 1}, so the result equals the reference formula.
+``where(M, W, A)`` is exact for M in {0, 1}, so the result equals the reference formula up
+to the last fp32 bit (the GPU compiler may fuse ``- p*A`` into an FMA, and torch divides by
+the scalar ``1-p`` through its reciprocal on CUDA): within one ulp of the output dtype. The
+mask itself (a compare and one multiply) and ``grad * M`` are exact. ``enable_fp_fusion`` is
+left at its default so the ops stay traceable through ``wrap_triton`` unchanged.
 
 Bytes moved per element (P = weight/anchor/grad bytes, O = output bytes):
     mix_weight  Stage I: 2P + O        Stage II: 2P + 4 (GAM) + O
@@ -146,7 +150,7 @@ def mix_weight(weight: torch.Tensor, anchor: torch.Tensor, cols: int,
     kernel = _mix_weight_kernel if launch is None else launch(_mix_weight_kernel)
     kernel[(triton.cdiv(n, BLOCK),)](
         weight, anchor, out, n=n, cols=cols, p=float(p), one_minus_p=1.0 - float(p),
-        EMULATE_RNE=interpreter_enabled(), BLOCK=BLOCK, enable_fp_fusion=False, **args)
+        EMULATE_RNE=interpreter_enabled(), BLOCK=BLOCK, **args)
     return out
 
 

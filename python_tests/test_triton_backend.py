@@ -1,0 +1,492 @@
+"""Triton backend against the reference (torch backend / reference.py).
+
+Runs on CPU under the Triton interpreter (``TRITON_INTERPRET=1 python -m pytest
+python_tests/test_triton_backend.py``) and, with larger sizes, on CUDA when present.
+
+What must be EXACT (any slip of one element fails): GAM, FAM, thresholds (radix select vs
+``torch.kthvalue``), subnetwork masks, Stage I keep-masks, masked gradients, frozen
+elements. These are pure functions of the gradients (``g*g`` accumulated in fp32 in the
+same order, one fp32 multiply for the Mix score), so every backend gets the same bits.
+
+Tolerances (params and moments): each run is compared with an fp32 reference run fed the
+same gradient values; the kernel's error must satisfy
+``err(kernel) <= 2 * err(torch backend in the same dtype) + atol``. The same-dtype torch
+run carries the rounding the storage dtype forces (bf16/fp16 moments and weights); the
+kernel does the same fp32 arithmetic and one rounding per store, so it may differ from it
+only by a few fp32 ulps (torch may divide by a scalar through a reciprocal), which atol
+covers: fp32 1e-6 (a few ulps of |w| <= 4 over the run), fp16 1e-3 and bf16 1e-2 (half a
+storage ulp at |w| <= 4: one rounding landing on the other side).
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dps_kernels import reference as ref
+from dps_kernels.backends import get_backend, interpreter_enabled, unavailable_reason
+from dps_kernels.backends.base import MixMask, StepKind, TensorStep
+from dps_kernels.mask_hash import column_keep_mask, columns_of, keep_threshold, step_key
+from dps_kernels.schedule import (STAGE_ONE, is_last_of_stage_one, is_stage_start,
+                                  selected_count, stage_of)
+
+REASON = unavailable_reason("triton")
+pytestmark = pytest.mark.skipif(REASON is not None, reason=f"triton backend: {REASON}")
+
+HAS_CUDA = torch.cuda.is_available()
+# CPU runs only under the interpreter; CUDA runs the compiled kernels with larger sizes.
+DEVICES = (["cpu"] if interpreter_enabled() else []) + (["cuda"] if HAS_CUDA else [])
+ATOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+HYPER = dict(lr=2e-2, beta1=0.8, beta2=0.95, eps=1e-6, weight_decay=0.1)  # not defaults
+
+
+def triton_backend():
+    return get_backend("triton")
+
+
+def torch_backend():
+    return get_backend("torch")
+
+
+def _device_param(device):
+    if device == "cuda" and not HAS_CUDA:
+        pytest.skip("no CUDA device")
+    if device == "cpu" and not interpreter_enabled():
+        pytest.skip("CPU tensors need TRITON_INTERPRET=1")
+    return torch.device(device)
+
+
+devices = pytest.mark.parametrize("device", DEVICES or ["cpu"])
+
+
+def _shapes(device):
+    # 1 element, odd 7x13, more than one 1024-element block; a GPU gets real sizes.
+    if device.type == "cuda":
+        return [(1,), (7, 13), (257, 1031), (1024, 4096)]
+    return [(1,), (7, 13), (33, 70)]
+
+
+# ------------------------------------------------------------------ availability, registry
+def test_import_does_not_load_triton():
+    code = "import sys, dps_kernels; assert 'triton' not in sys.modules, 'triton imported'"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def test_unavailable_reason_without_cuda_or_interpreter(monkeypatch):
+    from dps_kernels.backends import triton_backend as tb
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    reason = tb.unavailable_reason()
+    assert reason is not None and "TRITON_INTERPRET" in reason
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert tb.unavailable_reason() is None
+
+
+@devices
+def test_supports_gives_reasons(device):
+    device = _device_param(device)
+    backend = triton_backend()
+    assert backend.supports(torch.zeros(3, 4, device=device)) is None
+    assert "contiguous" in backend.supports(torch.zeros(4, 3, device=device).t())
+    assert "dtype" in backend.supports(torch.zeros(3, dtype=torch.float64, device=device))
+    assert "dtype" in backend.supports(torch.zeros(3, dtype=torch.int32, device=device))
+
+
+# ------------------------------------------------------------------ Stage I keep-mask hash
+@devices
+def test_keep_mask_bit_identical_to_mask_hash(device):
+    device = _device_param(device)
+    cols = 5003 if device.type == "cpu" else 100_003
+    ones = torch.ones(1, cols, device=device)
+    # keys above 2**31 exercise the uint32 bit pattern passed as an int32 argument
+    for key in (0, 1, step_key(7, 3, 11), 0xFFFFFFFF, 0x80000000):
+        for p in (0.0, 0.3, 0.99):
+            mask = MixMask(cols, column_key=key, keep_threshold=keep_threshold(p))
+            got = triton_backend().mix_grad(ones, mask)[0] != 0
+            assert torch.equal(got, column_keep_mask(key, keep_threshold(p), cols, device))
+
+
+# ------------------------------------------------------------------ selection
+def _scores(kind, shape, device, gen):
+    if kind == "ties":        # integer-valued GAM: most values are tied
+        return torch.randint(0, 4, shape, generator=gen).float().to(device)
+    if kind == "zeros":
+        return torch.zeros(shape, device=device)
+    if kind == "signed":      # not produced by DPS, but the key map handles any sign
+        return torch.randn(shape, generator=gen).to(device)
+    return torch.rand(shape, generator=gen).pow(3).to(device)  # spread over exponents
+
+
+@devices
+@pytest.mark.parametrize("kind,mix_us", [("random", None), ("ties", None), ("zeros", None),
+                                         ("signed", None), ("random", 10), ("ties", 60)])
+def test_select_threshold_exact(device, kind, mix_us):
+    device = _device_param(device)
+    gen = torch.Generator().manual_seed(5)
+    shapes = _shapes(device) + ([(5, 1013)] if device.type == "cpu" else [])  # > 4 blocks
+    for shape in shapes:
+        gam = _scores(kind, shape, device, gen)
+        factor = None
+        if mix_us is not None:
+            cols = columns_of(shape)
+            fam = torch.randint(0, mix_us + 1, (cols,), generator=gen).float().to(device)
+            factor = ref.mix_column_factor(fam, mix_us)
+        score = gam if factor is None else ref.mix_score(gam, factor)
+        n = gam.numel()
+        for k in sorted({1, 2, n // 3 + 1, selected_count(n, 0.3), n - 1, n} - {0}):
+            if not 1 <= k <= n:
+                continue
+            got = triton_backend().select_threshold(gam, factor, k)
+            want = ref.kth_largest(score, k)
+            assert got.shape == () and got.dtype == torch.float32 and got.device == gam.device
+            assert torch.equal(got, want), (shape, k, got.item(), want.item())
+            assert torch.equal(score >= got, score >= want)
+            # the k-th largest: at least k scores >= thr, fewer than k scores > thr
+            assert int((score >= got).sum()) >= k > int((score > got).sum())
+
+
+@devices
+def test_select_threshold_approx_error_bound(device):
+    device = _device_param(device)
+    gen = torch.Generator().manual_seed(9)
+    for shape in _shapes(device)[1:]:
+        gam = torch.rand(shape, generator=gen).pow(4).to(device) + 1e-30
+        n = gam.numel()
+        for k in (1, n // 2 + 1, n):
+            exact = ref.kth_largest(gam, k)
+            approx = triton_backend().select_threshold(gam, None, k, approx=True)
+            # documented bound: thr <= v < thr * (1 + 2**-3) for positive normal v
+            assert approx <= exact < approx * (1 + 2 ** -3)
+            assert bool(((gam >= exact) <= (gam >= approx)).all())   # a superset of the mask
+
+
+@devices
+def test_select_threshold_bad_input(device):
+    device = _device_param(device)
+    gam = torch.rand(3, 5, device=device)
+    with pytest.raises(ValueError, match="k must be in"):
+        triton_backend().select_threshold(gam, None, 0)
+    with pytest.raises(ValueError, match="k must be in"):
+        triton_backend().select_threshold(gam, None, 16)
+    with pytest.raises(ValueError, match="fp32"):
+        triton_backend().select_threshold(gam.half(), None, 1)
+    with pytest.raises(ValueError, match="column_factor"):
+        triton_backend().select_threshold(gam, torch.ones(4, device=device), 1)
+
+
+# ------------------------------------------------------------------ Mix weight and grad
+def _stage_two_mask(shape, device, gen, with_factor=True):
+    cols = columns_of(shape)
+    gam = torch.randint(0, 5, shape, generator=gen).float().to(device)
+    factor = ref.mix_column_factor(torch.randint(0, 4, (cols,), generator=gen).float(), 3)
+    factor = factor.to(device) if with_factor else None
+    score = gam if factor is None else ref.mix_score(gam, factor)
+    thr = ref.kth_largest(score, selected_count(gam.numel(), 0.4))
+    return MixMask(cols, gam=gam, column_factor=factor, threshold=thr), score >= thr
+
+
+@devices
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mix_weight_and_grad(device, dtype):
+    device = _device_param(device)
+    gen = torch.Generator().manual_seed(3)
+    eps = torch.finfo(dtype).eps
+    for shape in _shapes(device):
+        cols = columns_of(shape)
+        w = torch.randn(shape, generator=gen).to(dtype).to(device)
+        a = torch.randn(shape, generator=gen).to(dtype).to(device)
+        g = torch.randn(shape, generator=gen).to(dtype).to(device)
+        stage_two, full = _stage_two_mask(shape, device, gen)
+        dense_two, dense_full = _stage_two_mask(shape, device, gen, with_factor=False)
+        key = step_key(1, 2, 3)
+        stage_one = MixMask(cols, column_key=key, keep_threshold=keep_threshold(0.3))
+        keep_one = column_keep_mask(key, keep_threshold(0.3), cols, device).expand(
+            w.numel() // cols, cols).reshape(shape)
+        for mask, keep in ((stage_one, keep_one), (stage_two, full), (dense_two, dense_full)):
+            # the masked gradient is exact: g or 0 per element
+            got = triton_backend().mix_grad(g, mask)
+            assert got.dtype == dtype and torch.equal(got, ref.mix_grad(g, keep))
+            for p in (0.0, 0.3, 0.99):
+                for out_dtype in (None, torch.float32, torch.bfloat16):
+                    got = triton_backend().mix_weight(w, a, mask, p, out_dtype)
+                    want = ref.mix_weight(w, a, keep, p, out_dtype)
+                    assert got.dtype == want.dtype and got.shape == want.shape
+                    # one rounding of an fp32 formula: within 1 ulp of the output dtype
+                    # (torch divides by the scalar 1-p through its reciprocal on CUDA)
+                    ulp = torch.finfo(want.dtype).eps * want.float().abs()
+                    err = (got.float() - want.float()).abs()
+                    assert bool((err <= ulp + 1e-30).all()), (p, out_dtype, err.max())
+    del eps
+
+
+# ------------------------------------------------------------------ the fused step, cycles
+class Run:
+    """Tensors stepped through the DPS schedule exactly as DPSAdamW does, on one backend."""
+
+    def __init__(self, backend, mode, shapes, ps, dtype, device, us, style, seed=0):
+        self.backend, self.mode, self.ps, self.us, self.style = backend, mode, ps, us, style
+        self.dtype = dtype
+        gen = torch.Generator().manual_seed(seed)
+        self.params = [(torch.randn(s, generator=gen) * 0.5).to(dtype).to(device)
+                       for s in shapes]
+        self.plain = (torch.randn(5, generator=gen)).to(dtype).to(device)  # non-DPS tensor
+        self.state = []
+        for prm in self.params + [self.plain]:
+            cols = columns_of(prm.shape)
+            st = dict(exp_avg=torch.zeros_like(prm), exp_avg_sq=torch.zeros_like(prm),
+                      gam=torch.zeros_like(prm, dtype=torch.float32),
+                      threshold=torch.zeros((), device=device),
+                      fam=torch.zeros(cols, device=device),
+                      column_factor=torch.ones(cols, device=device),
+                      anchor=prm.clone(), stage_anchor=prm.clone(), cols=cols)
+            self.state.append(st)
+        self.log = []   # per step: thresholds, masks (exact checks)
+
+    def mask(self, i, t):
+        st = self.state[i]
+        if stage_of(t, self.us) == STAGE_ONE:
+            return MixMask(st["cols"], column_key=step_key(11, i, t),
+                           keep_threshold=keep_threshold(self.ps[i]))
+        if self.mode == "dense":
+            return MixMask(st["cols"], gam=st["gam"], threshold=st["threshold"])
+        return MixMask(st["cols"], gam=st["gam"], column_factor=st["column_factor"],
+                       threshold=st["threshold"])
+
+    def step(self, t, raw_grads, freeze):
+        s = ref.adamw_scalars(HYPER["lr"], HYPER["beta1"], HYPER["beta2"], HYPER["eps"],
+                              HYPER["weight_decay"], t, self.style)
+        first = stage_of(t, self.us) == STAGE_ONE
+        tasks, record = [], {}
+        for i, (prm, st) in enumerate(zip(self.params, self.state)):
+            grad = raw_grads[i].to(self.dtype).to(prm.device)
+            if self.mode == "mix":
+                # the forward uses W~ and the backward masks the gradient
+                anchor = st["anchor"] if first else st["stage_anchor"]
+                record[f"mixw{i}"] = self.backend.mix_weight(prm, anchor, self.mask(i, t),
+                                                             self.ps[i])
+                grad = self.backend.mix_grad(grad, self.mask(i, t))
+                record[f"grad{i}"] = grad
+            task = TensorStep(StepKind.PLAIN, prm, grad, st["exp_avg"], st["exp_avg_sq"], s,
+                              gam=st["gam"], cols=st["cols"])
+            task.reset = first and is_stage_start(t, self.us)
+            if self.mode == "dense":
+                task.kind = StepKind.DENSE_STAGE1 if first else StepKind.DENSE_STAGE2
+                task.threshold = st["threshold"]
+            elif first:
+                task.kind = StepKind.MIX_STAGE1
+                task.fam = st["fam"]
+                task.mix_key = step_key(11, i, t)
+                task.keep_threshold = keep_threshold(self.ps[i])
+            else:
+                task.kind = StepKind.MIX_STAGE2
+                task.fam, task.threshold = st["fam"], st["threshold"]
+                task.column_factor = st["column_factor"]
+            tasks.append(task)
+        plain_state = self.state[-1]
+        tasks.append(TensorStep(StepKind.PLAIN, self.plain, raw_grads[-1].to(self.dtype).to(
+            self.plain.device), plain_state["exp_avg"], plain_state["exp_avg_sq"], s))
+        before = [prm.clone() for prm in self.params]
+        self.backend.step(tasks, freeze)
+        for i, (prm, st) in enumerate(zip(self.params, self.state)):
+            if not first:
+                score = st["gam"] if self.mode == "dense" else ref.mix_score(
+                    st["gam"], st["column_factor"])
+                selected = score >= st["threshold"]
+                record[f"mask{i}"] = selected
+                if freeze:
+                    record[f"frozen_ok{i}"] = torch.equal(prm[~selected], before[i][~selected])
+            if is_last_of_stage_one(t, self.us):
+                k = selected_count(prm.numel(), self.ps[i])
+                factor = None
+                if self.mode == "mix":
+                    st["column_factor"] = ref.mix_column_factor(st["fam"], self.us)
+                    factor = st["column_factor"]
+                    st["stage_anchor"].copy_(prm)
+                st["threshold"] = self.backend.select_threshold(st["gam"], factor, k)
+                record[f"thr{i}"] = st["threshold"].clone()
+        self.log.append(record)
+
+
+def _grads(shapes, steps, seed, integer):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(steps):
+        if integer:   # integer-valued gradients: GAM is full of ties
+            out.append([torch.randint(-3, 4, s, generator=gen).float() for s in shapes])
+        else:
+            out.append([torch.randn(s, generator=gen) for s in shapes])
+    return out
+
+
+def _compare_runs(kernel, same, fp32, dtype, freeze):
+    atol = ATOL[dtype]
+    # exact: GAM, FAM, thresholds, masks, masked gradients, frozen elements
+    for st_k, st_s in zip(kernel.state, same.state):
+        assert torch.equal(st_k["gam"], st_s["gam"])
+        assert torch.equal(st_k["fam"], st_s["fam"])
+        assert torch.equal(st_k["threshold"], st_s["threshold"])
+    for step, (rec_k, rec_s) in enumerate(zip(kernel.log, same.log), start=1):
+        assert rec_k.keys() == rec_s.keys()
+        for key in rec_k:
+            if key.startswith(("thr", "mask", "grad")):
+                assert torch.equal(rec_k[key], rec_s[key]), f"step {step}: {key} differs"
+            elif key.startswith("frozen_ok"):
+                assert rec_k[key], f"step {step}: a frozen element changed ({key})"
+            elif key.startswith("mixw"):
+                # W~ of each run is computed from that run's W, which may differ by atol;
+                # 1/(1-p) amplifies it
+                p = kernel.ps[int(key[4:])]
+                err = (rec_k[key].float() - rec_s[key].float()).abs()
+                ulp = torch.finfo(dtype).eps * rec_s[key].float().abs()
+                assert bool((err <= (ulp + atol) / (1 - p)).all()), f"step {step}: {key}"
+    # params and moments: err(kernel) <= 2 * err(same-dtype torch) + atol, vs fp32
+    for run_k, run_s, run_32 in ((kernel, same, fp32),):
+        pairs = list(zip(run_k.params + [run_k.plain], run_s.params + [run_s.plain],
+                         run_32.params + [run_32.plain]))
+        for k, s, r in pairs:
+            err_k = (k.float() - r.float()).abs().max().item()
+            err_s = (s.float() - r.float()).abs().max().item()
+            assert err_k <= 2 * err_s + atol, ("param", k.shape, err_k, err_s)
+        for stk, sts, st32 in zip(run_k.state, run_s.state, run_32.state):
+            for name in ("exp_avg", "exp_avg_sq"):
+                err_k = (stk[name].float() - st32[name].float()).abs().max().item()
+                err_s = (sts[name].float() - st32[name].float()).abs().max().item()
+                assert err_k <= 2 * err_s + atol, (name, err_k, err_s)
+
+
+def _cycle_case(device, mode, freeze, style, dtype, us, steps, integer, ps, shapes=None):
+    shapes = shapes or _shapes(device)
+    assert len(ps) == len(shapes)
+    grads = _grads(shapes + [(5,)], steps, seed=17, integer=integer)
+    # gradients representable in the storage dtype, so all three runs see the same values
+    grads = [[g.to(dtype).float() for g in gs] for gs in grads]
+    kernel = Run(triton_backend(), mode, shapes, ps, dtype, device, us, style)
+    same = Run(torch_backend(), mode, shapes, ps, dtype, device, us, style)
+    fp32 = Run(torch_backend(), mode, shapes, ps, torch.float32, device, us, style)
+    for t in range(1, steps + 1):
+        for run in (kernel, same, fp32):
+            run.step(t, grads[t - 1], freeze)
+    _compare_runs(kernel, same, fp32, dtype, freeze)
+    return kernel
+
+
+@devices
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("style", ["torch", "hf_legacy"])
+@pytest.mark.parametrize("freeze", [False, True], ids=["mask", "freeze"])
+@pytest.mark.parametrize("mode", ["dense", "mix"])
+def test_step_cycles_match_reference(device, mode, freeze, style, dtype):
+    """2.3 cycles of us=3 (Stage I, II, I again with a GAM/FAM reset, II), all kinds at once:
+    1 element (p=0), 7x13 (p=0.3), more than one block (p=0.99), plus a plain tensor, in one
+    step() call; integer gradients (ties in the scores) with the torch style, Gaussian ones
+    with hf_legacy."""
+    device = _device_param(device)
+    _cycle_case(device, mode, freeze, style, dtype, us=3, steps=10, integer=style == "torch",
+                ps=[0.0, 0.3, 0.99] + ([0.5] if device.type == "cuda" else []))
+
+
+@devices
+def test_mix_cycle_with_long_stage(device):
+    """us >= 50: the Mix score carries exp(-F/us); one full Stage I then Stage II steps."""
+    device = _device_param(device)
+    _cycle_case(device, "mix", False, "torch", torch.float32, us=50, steps=52,
+                integer=False, ps=[0.3, 0.5], shapes=[(7, 13), (3, 50)])
+
+
+# ------------------------------------------------------------------ launches and caching
+@devices
+def test_one_launch_per_step_and_cached_tables(device, monkeypatch):
+    device = _device_param(device)
+    from dps_kernels.ops.triton import fused_step
+
+    launches = []
+    kernel = fused_step._dps_step_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(fused_step, "_dps_step_kernel", Counting())
+    backend = triton_backend()
+    backend._load()
+    s = ref.adamw_scalars(1e-3, 0.9, 0.999, 1e-8, 0.0, 1)
+    params = [torch.randn(3, 5, device=device) for _ in range(40)]
+    grads = [torch.randn_like(p) for p in params]
+    moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
+    tasks = [TensorStep(StepKind.PLAIN, p, g, m, v, s) for p, g, (m, v) in
+             zip(params, grads, moments)]
+    backend.step(tasks, False)
+    plans = dict(backend._fused_step._plans)
+    backend.step(tasks, False)
+    assert len(launches) == 2, "one launch per step() whatever the number of tensors"
+    assert backend._fused_step._plans.keys() == plans.keys()
+    assert all(backend._fused_step._plans[k] is plans[k] for k in plans), "tables rebuilt"
+    # a mixed-dtype group: one launch per dtype
+    half = [TensorStep(StepKind.PLAIN, p.half(), g.half(), m.half(), v.half(), s)
+            for p, g, (m, v) in zip(params, grads, moments)]
+    launches.clear()
+    backend.step(tasks + half, False)
+    assert len(launches) == 2
+
+
+@devices
+def test_step_rejects_bad_state(device):
+    device = _device_param(device)
+    s = ref.adamw_scalars(1e-3, 0.9, 0.999, 1e-8, 0.0, 1)
+    p = torch.randn(4, 6, device=device)
+    task = TensorStep(StepKind.DENSE_STAGE1, p, torch.randn_like(p), torch.zeros_like(p),
+                      torch.zeros_like(p), s, gam=torch.zeros(4, 6, dtype=torch.float16,
+                                                              device=device), cols=6)
+    with pytest.raises(ValueError, match="gam must be a contiguous fp32"):
+        triton_backend().step([task], False)
+    task = TensorStep(StepKind.PLAIN, p, torch.randn_like(p), torch.zeros_like(p).half(),
+                      torch.zeros_like(p), s)
+    with pytest.raises(ValueError, match="moments"):
+        triton_backend().step([task], False)
+
+
+# ------------------------------------------------------------------ torch.library
+@devices
+def test_library_ops_registered(device):
+    device = _device_param(device)
+    triton_backend()._load()
+    ops = torch.ops.dps_kernels
+    w = torch.randn(6, 10, device=device)
+    a = torch.randn(6, 10, device=device)
+    key, thr = step_key(1, 1, 1), keep_threshold(0.5)
+    mask = MixMask(10, column_key=key, keep_threshold=thr)
+    got = ops.triton_mix_weight(w, a, 10, key, thr, None, None, None, 0.5, torch.bfloat16)
+    assert torch.equal(got, triton_backend().mix_weight(w, a, mask, 0.5, torch.bfloat16))
+    got = ops.triton_mix_grad(w, 10, key, thr, None, None, None)
+    assert torch.equal(got, torch_backend().mix_grad(w, mask))
+    got = ops.triton_select_threshold(w.abs(), None, 7, False)
+    assert torch.equal(got, ref.kth_largest(w.abs(), 7))
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="fake tracing needs compiled kernels: under "
+                    "TRITON_INTERPRET torch's wrap_triton leaves interpreted kernels "
+                    "unwrapped, so they would run on fake tensors")
+def test_library_ops_fake_traceable():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    triton_backend()._load()
+    ops = torch.ops.dps_kernels
+    w = torch.randn(6, 10, device="cuda")
+    mask = dict(cols=10, column_key=step_key(1, 1, 1), keep_threshold=keep_threshold(0.5),
+                gam=None, column_factor=None, threshold=None)
+    with FakeTensorMode() as mode:
+        fw = mode.from_tensor(w)
+        out = ops.triton_mix_weight(fw, fw, p=0.5, out_dtype=torch.bfloat16, **mask)
+        grad = ops.triton_mix_grad(fw, **mask)
+        thr = ops.triton_select_threshold(fw, None, 3, False)
+    assert out.shape == (6, 10) and out.dtype == torch.bfloat16
+    assert grad.shape == (6, 10) and thr.shape == () and thr.dtype == torch.float32
+    compiled = torch.compile(lambda x: ops.triton_mix_grad(x * 2, **mask) + 1, fullgraph=True)
+    assert torch.equal(compiled(w), ops.triton_mix_grad(w * 2, **mask) + 1)
