@@ -96,7 +96,8 @@ def parse_args(argv=None):
                     help="untimed steps of the second cycle, after the untimed first cycle")
     ap.add_argument("--variants", default=",".join(VARIANTS),
                     help=f"comma-separated subset of {','.join(VARIANTS)}")
-    ap.add_argument("--backend", default="auto", help="dps_kernels backend (auto/torch/triton/cpu)")
+    ap.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "cpu"),
+                    help="dps_kernels backend of the dps_* variants (default auto)")
     ap.add_argument("--p", type=float, default=0.3, help="DPS p (fraction not updated)")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--weight-decay", type=float, default=0.01)
@@ -104,6 +105,10 @@ def parse_args(argv=None):
     ap.add_argument("--repeats", type=int, default=1,
                     help="run every variant this many times, in rotated order, and pool the "
                          "timed steps (evens out load drift on a shared machine)")
+    ap.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
+                    help="train all variants side by side, one step of each in turn, so that "
+                         "they share the machine's load (default: on for CPU; off for GPU, "
+                         "where each variant needs its own peak-memory measurement)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="bench/out", help="folder for the .md, .jsonl and .png")
@@ -138,6 +143,10 @@ def parse_args(argv=None):
         ap.error("--precision fp16 (GradScaler) needs a CUDA device")
     if args.seq > MODEL_SHAPES[args.model]["max_position_embeddings"]:
         ap.error(f"--seq {args.seq} exceeds the model's max_position_embeddings")
+    if args.interleave is None:
+        args.interleave = device.type != "cuda"
+    if args.interleave and device.type == "cuda":
+        ap.error("--interleave mixes the variants' GPU memory; it is for CPU runs only")
     args.name = args.name or f"{device.type}_e2e"
     return args
 
@@ -222,69 +231,115 @@ def selected_fraction(opt, authors):
 
 
 # -------------------------------------------------------------------------- one variant
-def run_variant(variant, base_model, batches, args, device, progress=None) -> Result:
-    cuda = device.type == "cuda"
-    if cuda:
-        gc.collect()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    model = copy.deepcopy(base_model).to(device)
-    model.train()
-    opt, authors, backend, impl = build_variant(variant, model, args, device)
-    us = args.update_steps
-    total = 4 * us  # two cycles: cycle 1 and `warmup` steps of cycle 2 untimed
-    first_timed = 2 * us + args.warmup + 1
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
-    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
-    scaler = torch.amp.GradScaler("cuda") if args.precision == "fp16" else None
-    params = [p for p in model.parameters() if p.requires_grad]
+class VariantRun:
+    """One variant's model, optimizer and step loop; ``step(t)`` trains and times step t."""
 
-    times, stages, losses, fraction = [], [], [], None
-    for t in range(1, total + 1):
-        batch = batches[(t - 1) % len(batches)]
-        if cuda:
-            torch.cuda.synchronize(device)
+    def __init__(self, variant, base_model, batches, args, device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        self.variant, self.args, self.device, self.batches = variant, args, device, batches
+        self.model = copy.deepcopy(base_model).to(device)
+        self.model.train()
+        self.opt, self.authors, self.backend, self.impl = build_variant(variant, self.model,
+                                                                        args, device)
+        self.us = args.update_steps
+        self.total = 4 * self.us  # two cycles: cycle 1 and `warmup` steps of cycle 2 untimed
+        self.first_timed = 2 * self.us + args.warmup + 1
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+        self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
+        self.scaler = torch.amp.GradScaler("cuda") if args.precision == "fp16" else None
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.times, self.stages, self.losses, self.fraction = [], [], [], None
+
+    def step(self, t: int) -> None:
+        model, opt, scaler = self.model, self.opt, self.scaler
+        batch = self.batches[(t - 1) % len(self.batches)]
+        # Dropout (and the authors-style Bernoulli masks) draw from the global RNG; seeding
+        # per step, outside the timer, gives every variant the same draws in either order.
+        torch.manual_seed(self.args.seed * 1_000_003 + t)
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
         start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        with autocast():
+        with self.autocast():
             loss = model(**batch).loss
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
         else:
             loss.backward()
-        if args.clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, args.clip)
+        if self.args.clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.args.clip)
         if scaler is not None:
             scaler.step(opt)
             scaler.update()
         else:
             opt.step()
-        if cuda:
-            torch.cuda.synchronize(device)
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - start
-        losses.append(float(loss.detach()))  # after the timer: .item() would sync
-        if t >= first_timed:
-            times.append(elapsed)
-            stages.append(stage_of(t, us))
-        if t == total - 1:
+        self.losses.append(float(loss.detach()))  # after the timer: .item() would sync
+        if t >= self.first_timed:
+            self.times.append(elapsed)
+            self.stages.append(stage_of(t, self.us))
+        if t == self.total - 1:
             # The next (last) step is still Stage II: its subnetwork is the current one.
-            fraction = selected_fraction(opt, authors)
+            self.fraction = selected_fraction(opt, self.authors)
+
+    def finish(self) -> Result:
+        """The figures of this run; frees the model and optimizer."""
+        authors, us = self.authors, self.us
+        state = optimizer_state_bytes(self.opt) + (authors.state_bytes() if authors else 0)
+        peak = torch.cuda.max_memory_allocated(self.device) if self.cuda else None
+        is_dps = self.variant != "vanilla"
+        change = 3 * us - self.first_timed  # index of the last Stage I step among timed ones
+        result = Result(variant=self.variant, times_s=self.times, stages=self.stages,
+                        change_index=change,
+                        change_pair_s=self.times[change] + self.times[change + 1],
+                        final_loss=self.losses[-1], first_loss=self.losses[0],
+                        last_stage=stage_of(self.total, us) if is_dps else None,
+                        selected_fraction=self.fraction if is_dps else None,
+                        state_bytes=state, peak_memory_bytes=peak, backend=self.backend,
+                        optimizer_impl=self.impl)
+        if authors is not None:
+            authors.detach()
+        self.model = self.opt = self.authors = None
+        return result
+
+
+def run_sequential(variants, base_model, batches, args, device, progress=None):
+    """Each variant alone, one after the other: required for per-variant peak GPU memory."""
+    results = []
+    for variant in variants:
         if progress is not None:
-            progress.update(1)
-    state = optimizer_state_bytes(opt) + (authors.state_bytes() if authors else 0)
-    peak = torch.cuda.max_memory_allocated(device) if cuda else None
-    is_dps = variant != "vanilla"
-    change = 3 * us - first_timed  # index of the last Stage I step among the timed ones
-    result = Result(variant=variant, times_s=times, stages=stages, change_index=change,
-                    change_pair_s=times[change] + times[change + 1], final_loss=losses[-1],
-                    first_loss=losses[0], last_stage=stage_of(total, us) if is_dps else None,
-                    selected_fraction=fraction if is_dps else None, state_bytes=state,
-                    peak_memory_bytes=peak, backend=backend, optimizer_impl=impl)
-    if authors is not None:
-        authors.detach()
-    del model, opt, authors
-    return result
+            progress.set_postfix_str(variant)
+        run = VariantRun(variant, base_model, batches, args, device)
+        for t in range(1, run.total + 1):
+            run.step(t)
+            if progress is not None:
+                progress.update(1)
+        results.append(run.finish())
+    return results
+
+
+def run_interleaved(variants, base_model, batches, args, device, progress=None):
+    """All variants side by side, step t of each in turn (order rotated every step).
+
+    On a shared CPU the load changes from second to second; interleaving makes every
+    variant see the same load, so the ratios to vanilla stay meaningful. Peak memory per
+    variant cannot be separated this way, hence CPU only.
+    """
+    runs = [VariantRun(v, base_model, batches, args, device) for v in variants]
+    for t in range(1, runs[0].total + 1):
+        shift = t % len(runs)
+        for run in runs[shift:] + runs[:shift]:
+            run.step(t)
+            if progress is not None:
+                progress.update(1)
+    return [run.finish() for run in runs]
 
 
 def pool_runs(runs):
@@ -355,7 +410,7 @@ def summarize(results, base_model, args, device, conditions):
         row["config"] = {
             "model": args.model, **MODEL_SHAPES[args.model], "batch": args.batch,
             "seq": args.seq, "precision": args.precision, "update_steps": args.update_steps,
-            "warmup": args.warmup, "repeats": args.repeats, "p": args.p, "lr": args.lr,
+            "warmup": args.warmup, "repeats": args.repeats, "interleave": args.interleave, "p": args.p, "lr": args.lr,
             "weight_decay": args.weight_decay, "clip": args.clip, "seed": args.seed,
             "torch_threads": torch.get_num_threads(),
         }
@@ -392,11 +447,10 @@ def main(argv=None):
         for rep in range(args.repeats):
             # Rotate the order so that no variant always runs first (cold caches) or last.
             shift = rep % len(args.variants)
-            for variant in args.variants[shift:] + args.variants[:shift]:
-                if progress is not None:
-                    progress.set_postfix_str(f"{variant} ({rep + 1}/{args.repeats})")
-                runs[variant].append(run_variant(variant, base_model, batches, args, device,
-                                                 progress))
+            order = args.variants[shift:] + args.variants[:shift]
+            run_all = run_interleaved if args.interleave else run_sequential
+            for result in run_all(order, base_model, batches, args, device, progress):
+                runs[result.variant].append(result)
     finally:
         if progress is not None:
             progress.close()

@@ -40,8 +40,9 @@ def conditions_lines(row) -> list[str]:
         f"lr {c['lr']}, weight decay {c['weight_decay']}, p {c['p']}, update steps "
         f"{c['update_steps']}; timed: steps {2 * c['update_steps'] + c['warmup'] + 1}-"
         f"{4 * c['update_steps']} of each run (Stage I, selection, Stage II), "
-        f"{row['runs']} run(s) per variant in rotated order, {row['timed_steps']} timed steps "
-        f"pooled per variant; torch threads {c['torch_threads']}",
+        f"{row['runs']} run(s) per variant"
+        f"{', variants interleaved step by step' if c.get('interleave') else ', one variant at a time'}"
+        f", {row['timed_steps']} timed steps pooled per variant; torch threads {c['torch_threads']}",
         f"- commit {commit}, {row['timestamp']}; command: `{row['command']}`",
     ]
 
