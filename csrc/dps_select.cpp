@@ -4,10 +4,12 @@
 // reference.mix_score). Two methods, chosen by the `method` argument:
 //
 // * "radix" (default): the scores are mapped to uint32 keys whose unsigned order is the
-//   float order (NaN above +inf as in torch.kthvalue, -0 == +0), then three histogram
-//   passes (11 + 11 + 10 bits) narrow down the key of the k-th largest. Each pass reads
-//   the scores once, in parallel with per-thread histograms; nothing of size n is
-//   allocated, and the Mix score is never materialised.
+//   float order (NaN above +inf as in torch.kthvalue, -0 == +0); a parallel histogram of
+//   the top 16 key bits finds the bin of the k-th largest, a second parallel pass gathers
+//   that bin's keys, and nth_element finishes on them. The Mix score is never
+//   materialised. (A first version with three 11/11/10-bit histogram passes lost to
+//   nth_element: most GAM values share few top-11-bit bins, so the counter increments
+//   formed long dependency chains. bench/cpu_step.py measures both.)
 // * "nth_element": a copy of the keys and std::nth_element, single-threaded; kept as
 //   the simple baseline the radix select was measured against (bench/cpu_step.py).
 //
@@ -55,41 +57,54 @@ inline void for_scores(int64_t begin, int64_t end, const float* factor, int64_t 
 }
 
 uint32_t radix_select(const float* gam, const float* factor, int64_t cols, int64_t n, int64_t k) {
-  constexpr int kPasses = 3;
-  constexpr int kShift[kPasses] = {21, 10, 0};
-  constexpr int kBits[kPasses] = {11, 11, 10};
+  // Pass 1: histogram of the top 16 key bits (sign, exponent, 7 mantissa bits), one per
+  // thread. Pass 2: gather the keys of the bin that holds the k-th largest (typically a
+  // tiny fraction of n; all of n only when most scores tie) and finish with
+  // std::nth_element on them. Two reads of the scores in all, both parallel.
+  constexpr int kShift = 16;
+  constexpr int64_t kBins = int64_t{1} << (32 - kShift);
   const int nthreads = at::get_num_threads();
-  uint32_t prefix = 0, prefix_mask = 0;
-  int64_t remaining = k;  // rank of the wanted key among keys matching the prefix
-  for (int pass = 0; pass < kPasses; ++pass) {
-    const int shift = kShift[pass];
-    const uint32_t bins = 1u << kBits[pass];
-    std::vector<int64_t> hist(static_cast<size_t>(nthreads) * bins, 0);
-    at::parallel_for(0, n, kChunk, [&](int64_t begin, int64_t end) {
-      int64_t* h = hist.data() + static_cast<size_t>(at::get_thread_num()) * bins;
-      for_scores(begin, end, factor, cols, [&](int64_t s, int64_t len, const float* fc) {
-        const float* g = gam + s;
-        for (int64_t j = 0; j < len; ++j) {
-          const uint32_t key = order_key(fc ? g[j] * fc[j] : g[j]);
-          if ((key & prefix_mask) == prefix) ++h[(key >> shift) & (bins - 1)];
-        }
-      });
+  std::vector<int64_t> hist(static_cast<size_t>(nthreads) * kBins, 0);
+  at::parallel_for(0, n, kChunk, [&](int64_t begin, int64_t end) {
+    int64_t* h = hist.data() + static_cast<size_t>(at::get_thread_num()) * kBins;
+    for_scores(begin, end, factor, cols, [&](int64_t s, int64_t len, const float* fc) {
+      const float* g = gam + s;
+      if (fc) {
+        for (int64_t j = 0; j < len; ++j) ++h[order_key(g[j] * fc[j]) >> kShift];
+      } else {
+        for (int64_t j = 0; j < len; ++j) ++h[order_key(g[j]) >> kShift];
+      }
     });
-    // Merge, then walk down from the largest bin until `remaining` keys are covered.
-    int64_t above = 0;
-    uint32_t bin = bins;
-    while (bin > 0) {
-      --bin;
-      int64_t count = 0;
-      for (int t = 0; t < nthreads; ++t) count += hist[static_cast<size_t>(t) * bins + bin];
-      if (above + count >= remaining) break;
-      above += count;
-    }
-    remaining -= above;
-    prefix |= bin << shift;
-    prefix_mask |= (bins - 1) << shift;
+  });
+  // Walk down from the largest bin until k keys are covered.
+  int64_t above = 0, bin = kBins, in_bin = 0;
+  while (bin > 0) {
+    --bin;
+    in_bin = 0;
+    for (int t = 0; t < nthreads; ++t) in_bin += hist[static_cast<size_t>(t) * kBins + bin];
+    if (above + in_bin >= k) break;
+    above += in_bin;
   }
-  return prefix;
+  const uint32_t wanted = static_cast<uint32_t>(bin);
+  std::vector<std::vector<uint32_t>> found(static_cast<size_t>(nthreads));
+  at::parallel_for(0, n, kChunk, [&](int64_t begin, int64_t end) {
+    std::vector<uint32_t>& out = found[static_cast<size_t>(at::get_thread_num())];
+    for_scores(begin, end, factor, cols, [&](int64_t s, int64_t len, const float* fc) {
+      const float* g = gam + s;
+      for (int64_t j = 0; j < len; ++j) {
+        const uint32_t key = order_key(fc ? g[j] * fc[j] : g[j]);
+        if ((key >> kShift) == wanted) out.push_back(key);
+      }
+    });
+  });
+  std::vector<uint32_t> keys;
+  keys.reserve(static_cast<size_t>(in_bin));
+  for (const auto& f : found) keys.insert(keys.end(), f.begin(), f.end());
+  TORCH_CHECK(static_cast<int64_t>(keys.size()) == in_bin,
+              "dps_cpu.select_threshold: internal error, the scores changed during selection");
+  const int64_t rank = k - above;  // 1-based rank of the wanted key inside the bin
+  std::nth_element(keys.begin(), keys.begin() + (rank - 1), keys.end(), std::greater<uint32_t>());
+  return keys[rank - 1];
 }
 
 uint32_t nth_element_select(const float* gam, const float* factor, int64_t cols, int64_t n,
