@@ -94,8 +94,10 @@ def write_png(rows, path) -> None:
     bars = ax_t.bar(names, medians, yerr=errs, capsize=3, color="#4c72b0")
     for bar, r in zip(bars, rows):
         if r.get("time_ratio") is not None:
+            # Inside the bar, where the p10-p90 whisker cannot cover it.
             ax_t.annotate(f"x{r['time_ratio']:.2f}", (bar.get_x() + bar.get_width() / 2,
-                          bar.get_height()), ha="center", va="bottom", fontsize=8)
+                          bar.get_height() / 2), ha="center", va="center", fontsize=9,
+                          color="white")
     ax_t.set_ylabel("median step time, ms (p10-p90)")
     ax_t.set_title("time per training step")
     if rows[0]["peak_memory_bytes"] is not None:
@@ -119,6 +121,11 @@ def write_png(rows, path) -> None:
     plt.close(fig)
 
 
+def read_jsonl(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def write_all(rows, out_dir, name) -> list[Path]:
     out = Path(out_dir)
     os.makedirs(out, exist_ok=True)
@@ -127,3 +134,15 @@ def write_all(rows, out_dir, name) -> list[Path]:
     write_jsonl(rows, jl)
     write_png(rows, png)
     return [md, jl, png]
+
+
+if __name__ == "__main__":
+    # Re-render the table and chart of a saved run: python -m bench.report RUN.jsonl
+    import sys
+
+    for jsonl in sys.argv[1:]:
+        saved = read_jsonl(jsonl)
+        stem = Path(jsonl).with_suffix("")
+        Path(f"{stem}.md").write_text(markdown(saved) + "\n")
+        write_png(saved, f"{stem}.png")
+        print(f"re-rendered {stem}.md and {stem}.png from {jsonl}")
