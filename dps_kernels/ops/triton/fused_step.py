@@ -207,7 +207,8 @@ def _check(task: TensorStep, device: torch.device) -> None:
     for label, x in (("grad", task.grad), ("exp_avg", task.exp_avg),
                      ("exp_avg_sq", task.exp_avg_sq)):
         if x.shape != p.shape or not x.is_contiguous() or x.device != device:
-            raise ValueError(f"{name}: {label} must be contiguous, on {device}, shaped like the param")
+            raise ValueError(f"{name}: {label} must be contiguous, on {device}, shaped like "
+                             f"the param")
     if task.exp_avg.dtype != p.dtype or task.exp_avg_sq.dtype != p.dtype:
         raise ValueError(f"{name}: moments must have the param dtype {p.dtype}")
     if p.numel() >= 2**31 - BLOCK:

@@ -63,6 +63,7 @@ def _mix_weight_kernel(
     one_minus_p,      # fp32 1 - p (rounded from float64 on the host, as torch does)
     STAGE_ONE: tl.constexpr,
     HAS_FACTOR: tl.constexpr,
+    OUT_DTYPE: tl.constexpr,    # dtype of out
     EMULATE_RNE: tl.constexpr,  # interpreter only: round bf16 to nearest even (rounding.py)
     BLOCK: tl.constexpr,
 ):
@@ -73,7 +74,7 @@ def _mix_weight_kernel(
     w = tl.load(w_ptr + offs, mask=inb, other=0.0).to(tl.float32)
     a = tl.load(a_ptr + offs, mask=inb, other=0.0).to(tl.float32)
     out = tl.div_rn(tl.where(keep, w, a) - p * a, one_minus_p)
-    tl.store(out_ptr + offs, round_to(out, out_ptr.dtype.element_ty, EMULATE_RNE), mask=inb)
+    tl.store(out_ptr + offs, round_to(out, OUT_DTYPE, EMULATE_RNE), mask=inb)
 
 
 @triton.jit
@@ -135,11 +136,12 @@ def mix_weight(weight: torch.Tensor, anchor: torch.Tensor, cols: int,
                column_key: Optional[int], keep_threshold: int, gam: Optional[torch.Tensor],
                column_factor: Optional[torch.Tensor], threshold: Optional[torch.Tensor],
                p: float, out_dtype: Optional[torch.dtype], launch=None) -> torch.Tensor:
-    """W~ (see module docstring); ``launch`` wraps the kernel (``wrap_triton`` under torch.library)."""
+    """W~ (see module docstring); ``launch`` wraps the kernel (``wrap_triton`` in torch.library)."""
     if not 0.0 <= p < 1.0:
         raise ValueError(f"p must be in [0, 1), got {p}")
     if anchor.shape != weight.shape:
-        raise ValueError(f"anchor shape {tuple(anchor.shape)} != weight shape {tuple(weight.shape)}")
+        raise ValueError(f"anchor shape {tuple(anchor.shape)} != weight shape "
+                         f"{tuple(weight.shape)}")
     weight, anchor = _contiguous(weight, "weight"), _contiguous(anchor, "anchor")
     out = torch.empty_like(weight, dtype=out_dtype or weight.dtype)
     _contiguous(out, "out_dtype")
@@ -150,7 +152,8 @@ def mix_weight(weight: torch.Tensor, anchor: torch.Tensor, cols: int,
     kernel = _mix_weight_kernel if launch is None else launch(_mix_weight_kernel)
     kernel[(triton.cdiv(n, BLOCK),)](
         weight, anchor, out, n=n, cols=cols, p=float(p), one_minus_p=1.0 - float(p),
-        EMULATE_RNE=interpreter_enabled(), BLOCK=BLOCK, **args)
+        OUT_DTYPE=TORCH_TO_TL[out.dtype], EMULATE_RNE=interpreter_enabled(), BLOCK=BLOCK,
+        **args)
     return out
 
 
