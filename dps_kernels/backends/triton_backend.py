@@ -71,17 +71,13 @@ class TritonBackend(Backend):
 
     def mix_weight(self, weight, anchor, mask: MixMask, p, out_dtype=None):
         ops = self._load()
-        return ops.mix_weight(weight, anchor, mask.cols, _key(mask), mask.keep_threshold,
+        return ops.mix_weight(weight, anchor, mask.cols, mask.column_key, mask.keep_threshold,
                               mask.gam, mask.column_factor, mask.threshold, float(p), out_dtype)
 
     def mix_grad(self, grad, mask: MixMask):
         ops = self._load()
-        return ops.mix_grad(grad, mask.cols, _key(mask), mask.keep_threshold, mask.gam,
+        return ops.mix_grad(grad, mask.cols, mask.column_key, mask.keep_threshold, mask.gam,
                             mask.column_factor, mask.threshold)
-
-
-def _key(mask: MixMask) -> Optional[int]:
-    return mask.column_key
 
 
 BACKEND = TritonBackend()
