@@ -383,7 +383,7 @@ CYCLE_CASES = [(mode, freeze, style, dtype) for mode, freeze, styles in (
 @devices
 @pytest.mark.parametrize("mode,freeze,style,dtype", CYCLE_CASES, ids=str)
 def test_step_cycles_match_reference(device, mode, freeze, style, dtype):
-    """2.3 cycles of us=3 (Stage I, II, I again with a GAM/FAM reset, II), all kinds at once:
+    """10 steps with us=3 (Stage I, II, I again with a GAM/FAM reset, II), all kinds at once:
     1 element (p=0), 7x13 (p=0.3), more than one block (p=0.99), plus a plain tensor, in one
     step() call; integer gradients (ties in the scores) with the torch style, Gaussian ones
     with hf_legacy."""
