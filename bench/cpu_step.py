@@ -79,17 +79,31 @@ def bert_base_shapes():
     return [(name, tuple(p.shape), name in linear_weights) for name, p in model.named_parameters()]
 
 
-def timed(fn, warmup: int, repeats: int) -> dict:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    q = statistics.quantiles(times, n=4)
-    return {"median_ms": 1e3 * statistics.median(times), "q1_ms": 1e3 * q[0],
-            "q3_ms": 1e3 * q[2], "repeats": repeats}
+def interleaved(variants: dict, warmup: int, rounds: int) -> dict:
+    """Times {name: (setup or None, fn)} in rounds, rotating the order every round, so
+    load from other processes hits every variant alike. setup runs untimed before fn."""
+    for setup, fn in variants.values():
+        if setup:
+            setup()
+        for _ in range(warmup):
+            fn()
+    names = list(variants)
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            setup, fn = variants[name]
+            if setup:
+                setup()
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def summary(samples) -> dict:
+    q = statistics.quantiles(samples, n=4) if len(samples) > 1 else list(samples) * 3
+    return {"median_ms": 1e3 * statistics.median(samples), "q1_ms": 1e3 * q[0],
+            "q3_ms": 1e3 * q[2], "repeats": len(samples)}
 
 
 class Workload:
@@ -206,11 +220,6 @@ def main(argv=None) -> int:
             times[key].append(time.perf_counter() - t0)
     del fused, fused_params
 
-    def summary(samples):
-        q = statistics.quantiles(samples, n=4) if len(samples) > 1 else samples * 3
-        return {"median_ms": 1e3 * statistics.median(samples), "q1_ms": 1e3 * q[0],
-                "q3_ms": 1e3 * q[2], "repeats": len(samples)}
-
     fused_t = summary(times[("adamw", "fused_adamw")])
     record({"what": "step", "stage": "adamw", "impl": "fused_adamw", **fused_t})
     rows = []
@@ -228,35 +237,56 @@ def main(argv=None) -> int:
         record({"what": "step", "stage": stage, "impl": "torch_backend", **torch_t})
         rows.append((stage, cpu_t, torch_t, ratio_fused, paired, speedup_torch))
 
-    # Instruction-set variants of the span kernels on one stage (vectorisation payoff).
-    isa_rows = []
+    # Instruction-set variants of the span kernels on one stage (vectorisation payoff),
+    # interleaved like the steps above.
     best = torch.ops.dps_cpu.isa()
     tasks = work.tasks("dense_stage1")
+    isa_names = []
     for isa in ("default", "avx2", "avx512"):
         try:
             torch.ops.dps_cpu.set_isa(isa)
-        except RuntimeError:
-            continue
-        t = timed(lambda: cpu_backend.BACKEND.step(tasks, False), args.warmup, args.repeats)
+            isa_names.append(isa)
+        except RuntimeError:  # this CPU lacks it
+            pass
+    isa_times = interleaved(
+        {isa: (lambda isa=isa: torch.ops.dps_cpu.set_isa(isa),
+               lambda: cpu_backend.BACKEND.step(tasks, False)) for isa in isa_names},
+        args.warmup, args.repeats)
+    torch.ops.dps_cpu.set_isa(best)
+    isa_rows = []
+    for isa in isa_names:
+        t = summary(isa_times[isa])
         record({"what": "step_isa", "stage": "dense_stage1", "impl": f"cpu[{isa}]", **t})
         isa_rows.append((isa, t))
-    torch.ops.dps_cpu.set_isa(best)
 
     # Threshold selection on the largest DPS tensor and over all DPS tensors.
     sel_rows = []
     largest = max(work.gams, key=lambda i: work.gams[i].numel())
     for label, ids in (("largest tensor", [largest]), ("all DPS tensors", list(work.gams))):
-        for method in ("radix", "nth_element", "torch.kthvalue"):
-            def run(method=method, ids=ids):
-                for i in ids:
-                    gam, factor = work.gams[i], work.factors[i]
-                    k = selected_count(gam.numel(), 0.3)
-                    if method == "torch.kthvalue":
-                        torch_backend.BACKEND.select_threshold(gam, factor, k)
-                    else:
-                        cpu_backend.BACKEND.select_threshold(gam, factor, k, method=method)
-            t = timed(run, 1, max(3, args.repeats // 3))
-            numel = sum(work.gams[i].numel() for i in ids)
+        def select(method, ids=ids):
+            for i in ids:
+                gam, factor = work.gams[i], work.factors[i]
+                k = selected_count(gam.numel(), 0.3)
+                if method == "torch.kthvalue":
+                    torch_backend.BACKEND.select_threshold(gam, factor, k)
+                else:
+                    cpu_backend.BACKEND.select_threshold(gam, factor, k, method=method)
+        def one_thread_radix():
+            # The radix select is parallel; on one thread it shows the algorithmic gain
+            # over nth_element without the cost of waiting for a descheduled thread.
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                select("radix")
+            finally:
+                torch.set_num_threads(threads)
+        methods = ("radix", "radix, 1 thread", "nth_element", "torch.kthvalue")
+        sel_times = interleaved({m: (None, (one_thread_radix if m == "radix, 1 thread"
+                                            else lambda m=m: select(m))) for m in methods},
+                                1, max(5, args.repeats // 3))
+        numel = sum(work.gams[i].numel() for i in ids)
+        for method in methods:
+            t = summary(sel_times[method])
             record({"what": "select_mix", "scope": label, "numel": numel, "impl": method, **t})
             sel_rows.append((label, numel, method, t))
 

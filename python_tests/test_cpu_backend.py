@@ -410,3 +410,19 @@ def test_auto_picks_cpu_when_built():
     from dps_kernels.backends import auto_backend_name
     assert auto_backend_name("cpu") == "cpu"
     assert torch.ops.dps_cpu.abi_version() == cpu_backend.ABI_VERSION
+
+
+def test_no_compiler_gives_reason_and_torch_fallback(tmp_path):
+    import importlib.util
+    if importlib.util.find_spec(cpu_backend.PREBUILT_MODULE) is not None:
+        pytest.skip("a prebuilt dps_kernels._cpu_ext is installed, so no compiler is needed")
+    out = _python("""
+        import warnings
+        from dps_kernels.backends import auto_backend_name, unavailable_reason
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            print(unavailable_reason("cpu")); print(auto_backend_name("cpu")); print(len(caught))
+    """, CXX="definitely-not-a-compiler", TORCH_EXTENSIONS_DIR=str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    reason, picked, warnings_count = out.stdout.strip().splitlines()
+    assert "no C++ compiler" in reason and picked == "torch" and warnings_count == "1"
