@@ -129,3 +129,34 @@ def test_metrics_against_scipy_when_installed():
     y = [a + rng.gauss(0, 1) for a in x]
     assert gm.spearman(x, y) == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-12)
     assert gm.pearson(x, y) == pytest.approx(stats.pearsonr(x, y).statistic, abs=1e-12)
+
+
+# ---- the experiment script's scoring and summary -------------------------------------------
+
+def test_script_scoring_and_summary():
+    torch = pytest.importorskip("torch")
+    import glue_dps
+    logits = torch.tensor([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
+    out = glue_dps.score("MRPC", logits, [1, 0, 0, 0])  # preds 1,0,1,0: TP=1, FP=1, FN=0
+    assert out == {"accuracy": 0.75, "f1": 2 / 3}
+    out = glue_dps.score("STS-B", torch.tensor([[0.5], [1.0], [4.0]]), [1.0, 2.0, 3.0])
+    assert out["spearman"] == pytest.approx(1.0)
+    rows = [{"task": "RTE", "method": "dense", "value": v} for v in (60.0, 64.0, 62.0)]
+    rows.append({"task": "RTE", "method": "vanilla", "value": 55.0})
+    summary = {s["method"]: s for s in glue_dps.summarize(rows)}
+    assert summary["dense"]["mean"] == 62.0 and summary["dense"]["std"] == 2.0  # sample std
+    assert summary["vanilla"]["std"] is None
+    table = glue_dps.markdown(list(summary.values()), ["RTE"], ["vanilla", "dense"])
+    assert "| dense | 62.00 ± 2.00 (n=3) |" in table
+
+
+def test_script_smoke_defaults():
+    import glue_dps
+    args = glue_dps.parse_args(["--smoke", "--model", "some/model"])
+    assert (args.max_train, args.max_dev, args.seeds, args.max_steps, args.update_steps) == \
+        (64, 64, [1], 4, 1)
+    full = glue_dps.parse_args(["--model", "some/model"])  # the paper's recipe
+    assert (full.max_len, full.batch_size, full.lr, full.epochs, full.warmup_ratio,
+            full.weight_decay, full.p, full.update_ratio, full.max_grad_norm) == \
+        (128, 16, 2e-5, 3.0, 0.1, 0.01, 0.3, 0.05, 1.0)
+    assert full.tasks == ["RTE", "MRPC", "CoLA", "STS-B"] and full.seeds == [1, 2, 3, 4, 5]

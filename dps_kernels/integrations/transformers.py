@@ -98,6 +98,9 @@ class DPSConfig:
     targets: Optional[Union[str, type, Sequence[Union[str, type]]]] = None
 
     def __post_init__(self):
+        # Fail when the Trainer is built, not minutes later when train() creates the optimizer.
+        if self.mode not in ("dense", "mix"):
+            raise ValueError(f"mode must be 'dense' or 'mix', got {self.mode!r}")
         if self.update_ratio is not None and self.update_steps is not None:
             raise ValueError(
                 f"give update_ratio or update_steps, not both (got update_ratio="
