@@ -1,7 +1,9 @@
 """End-to-end training-step benchmark: DPS against vanilla AdamW and the authors' approach.
 
 One process trains ``BertForSequenceClassification`` (built from a config, random init,
-no download) on fixed synthetic batches with each variant in turn:
+no download) on fixed synthetic batches with each variant: one variant at a time on GPU
+(each needs its own peak-memory figure), side by side one step each in turn on CPU (a
+shared CPU's load then hits every variant alike):
 
 ============== ==========================================================================
 vanilla        ``torch.optim.AdamW`` (fused where this torch has it, else foreach)
@@ -44,7 +46,8 @@ from dps_kernels.schedule import STAGE_ONE, stage_of
 VARIANTS = ("vanilla", "authors_dense", "authors_mix", "dps_dense", "dps_mix")
 
 # BERT shapes. "large" is the paper's BERT-large-cased; "cpu" keeps the proportions of a
-# BERT block at a size two cores train in about a second per step; "quick" is for tests.
+# BERT block (intermediate = 4 x hidden, most weights in nn.Linear) at a size one core
+# trains in a fraction of a second per step; "quick" is for the smoke test.
 MODEL_SHAPES = {
     "large": dict(vocab_size=28996, hidden_size=1024, num_hidden_layers=24,
                   num_attention_heads=16, intermediate_size=4096, max_position_embeddings=512),
