@@ -76,7 +76,7 @@ def parse_args(argv=None):
     ap.add_argument("--update-ratio", type=float, default=0.05, help="DPS: stage length / total steps")
     ap.add_argument("--update-steps", type=int, default=None, help="DPS: stage length in steps (overrides ratio)")
     ap.add_argument("--adamw-style", default="torch", choices=("torch", "hf_legacy"),
-                    help="hf_legacy = transformers 4.7 AdamW as in the paper's runs (DPS methods only)")
+                    help="hf_legacy = transformers 4.7 AdamW as in the paper's runs (all methods)")
     ap.add_argument("--backend", default="auto", help="DPS backend: auto, torch, triton, cpu")
     ap.add_argument("--dps-dropout", action="store_true",
                     help="keep the checkpoint's dropout in DPS runs (the paper switches it off)")
@@ -174,8 +174,13 @@ def run_one(args, task, method, seed, data, tokenizer, workdir):
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, **flags)
     common = dict(model=model, args=targs, train_dataset=data["train"],
                   data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer)
-    if method == "vanilla":
+    if method == "vanilla" and args.adamw_style == "torch":
         trainer = Trainer(**common)
+    elif method == "vanilla":
+        # The paper's baseline used the same legacy AdamW as its DPS runs; DPS with p=0
+        # selects every element, i.e. it is exactly that AdamW.
+        trainer = DPSTrainer(**common, dps_config=DPSConfig(
+            mode="dense", p=0.0, update_steps=1, adamw_style=args.adamw_style, backend=args.backend))
     else:
         stage = ({"update_steps": args.update_steps} if args.update_steps is not None
                  else {"update_ratio": args.update_ratio})
@@ -192,7 +197,7 @@ def run_one(args, task, method, seed, data, tokenizer, workdir):
            "metrics": {k: 100.0 * v for k, v in metrics.items()},
            "train_steps": train_out.global_step, "train_loss": train_out.training_loss,
            "train_seconds": round(train_seconds, 2), "precision": precision}
-    if method != "vanilla":
+    if isinstance(trainer, DPSTrainer) and method != "vanilla":
         row["update_steps"] = trainer.dps_optimizer.update_steps
     del trainer, model
     return row

@@ -129,6 +129,38 @@ def test_targets_by_pattern_and_type(tmp_path):
                    ("word_embeddings", "position_embeddings", "token_type_embeddings")}
 
 
+class Wrapper(nn.Module):
+    """Stands in for DDP/FSDP's wrapper: the model under `.module`, forward delegated."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def test_create_optimizer_on_wrapped_model(tmp_path):
+    """FSDP path: the Trainer calls create_optimizer(prepared_model) with a wrapped model."""
+    model = tiny_model()
+    trainer = DPSTrainer(model=model, args=make_args(tmp_path), train_dataset=tiny_dataset(),
+                         dps_config={"mode": "mix", "update_steps": 2})
+    opt = trainer.create_optimizer(Wrapper(model))
+    linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    assert {id(p) for g in opt.param_groups if g["dps"] for p in g["params"]} == linear_weights
+    decay = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert id(model.bert.embeddings.LayerNorm.weight) not in decay
+    assert id(model.classifier.bias) not in decay and id(model.classifier.weight) in decay
+    # Mix wiring reached the inner modules: a training forward sees W~, not W.
+    x = tiny_dataset(4)
+    ids = torch.stack([d["input_ids"] for d in x])
+    model.train()
+    mixed = model(input_ids=ids).logits
+    model.eval()
+    plain = model(input_ids=ids).logits
+    assert not torch.equal(mixed, plain)
+
+
 def test_bad_options_fail_clearly(tmp_path):
     args = make_args(tmp_path)
     with pytest.raises(ValueError, match="mode must be"):
