@@ -597,3 +597,30 @@ def test_dps_adamw_triton_state_dict_round_trip(device):
         opt2.step()
     for name, p in model2.named_parameters():
         assert torch.equal(p.detach(), full[-1]["params"][name]), name
+
+
+@devices
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "misaligned"])
+def test_step_on_views_at_any_alignment(device, offset):
+    """Buffers that are views at an odd element offset (not 16-byte aligned) take the
+    kernel's unhinted path; aligned ones the vectorisable one. Both match the reference."""
+    device = _device_param(device)
+    gen = torch.Generator().manual_seed(4)
+    s = ref.adamw_scalars(1e-2, 0.9, 0.99, 1e-6, 0.1, 2)
+    shape, n = (3, 700), 2100     # two blocks: a full one and a tail
+    values = [torch.randn(n, generator=gen) for _ in range(5)]
+    values[3] = values[3].abs()   # exp_avg_sq >= 0
+    runs = []
+    for backend in (triton_backend(), torch_backend()):
+        # the tensors are views ``offset`` elements into a fresh buffer
+        p, g, m, v, gam = [torch.cat([x.new_zeros(offset), x]).to(device)[offset:].view(shape)
+                           for x in values]
+        assert (p.data_ptr() % 16 == 0) == (offset == 0)
+        backend.step([TensorStep(StepKind.DENSE_STAGE1, p, g, m, v, s, gam=gam, cols=700)],
+                     False)
+        runs.append((p, m, v, gam))
+    plan = list(triton_backend()._fused_step._plans.values())[-1]
+    assert plan.aligned == (offset == 0)
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert torch.equal(runs[0][3], runs[1][3])

@@ -35,6 +35,13 @@ tensor) are uploaded each step, from pinned memory with ``non_blocking=True``: n
 synchronisation. The pointer table works unchanged in the Triton interpreter, where the
 addresses are real host addresses.
 
+Vectorised access. Addresses read from a table carry no alignment information, and a
+mask ``offs < numel`` with ``numel`` read from a table has unknown constancy; either would
+force scalar 32-bit accesses. So the host checks that all element buffers are 16-byte
+aligned (``ALIGNED``, true for allocator-made tensors, false for odd-offset views) and the
+kernel hints it, and programs whose block lies wholly inside the tensor run with an
+all-true mask; only a tensor's last block uses ``offs < numel``.
+
 Why ``enable_fp_fusion=False``: GAM must be bit-identical to the reference
 (``GAM + g*g`` rounded twice, as torch does with two ops) because the Stage II mask
 ``GAM >= thr`` is compared exactly across backends; a fused multiply-add would change
@@ -69,6 +76,17 @@ TORCH_TO_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.flo
 
 
 @triton.jit
+def _table_ptr(entry_ptr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """The buffer address stored at ``entry_ptr`` as a pointer to DTYPE."""
+    address = tl.load(entry_ptr)
+    if ALIGNED:
+        # The host checked that every address is 16-byte aligned; the hint survives the
+        # int -> pointer cast and lets the loads vectorize.
+        address = tl.multiple_of(address, 16)
+    return address.to(tl.pointer_type(DTYPE))
+
+
+@triton.jit
 def _dps_step_kernel(
     addr_ptr,          # int64 [T, 8]: buffer addresses per tensor (see N_ADDR)
     meta_ptr,          # int64 [T, 3]: numel, cols, kind code per tensor
@@ -78,37 +96,26 @@ def _dps_step_kernel(
     PARAM_DTYPE: tl.constexpr,  # dtype of param, exp_avg, exp_avg_sq
     GRAD_DTYPE: tl.constexpr,   # dtype of grad
     FREEZE: tl.constexpr,       # frozen elements keep weight and moments
+    ALIGNED: tl.constexpr,      # every address in the table is a multiple of 16 bytes
     EMULATE_RNE: tl.constexpr,  # interpreter only: round bf16 to nearest even (rounding.py)
     BLOCK: tl.constexpr,        # elements per program
 ):
     pid = tl.program_id(0)
     t = tl.load(block_tensor_ptr + pid).to(tl.int64)
-    start = tl.load(block_start_ptr + pid)
+    start = tl.multiple_of(tl.load(block_start_ptr + pid), BLOCK)
     numel = tl.load(meta_ptr + t * 3).to(tl.int32)
     cols = tl.load(meta_ptr + t * 3 + 1).to(tl.int32)
-    # Per-tensor flags are broadcast to the block before use: the interpreter mistypes
-    # (block bool) & (scalar bool) as int32, compiled Triton folds the splat away.
-    zero = tl.zeros([BLOCK], dtype=tl.int32)
-    kind = zero + tl.load(meta_ptr + t * 3 + 2).to(tl.int32)
-    dense1 = kind == 1
-    dense2 = kind == 2
-    mix1 = kind == 3
-    mix2 = kind == 4
-    accumulate = dense1 | mix1
-    if FREEZE:
-        thresholded = dense2 | mix2   # Stage II masks are needed only to freeze Mix
-    else:
-        thresholded = dense2
+    kind = tl.load(meta_ptr + t * 3 + 2).to(tl.int32)
 
     a = addr_ptr + t * 8
-    w_ptr = tl.load(a).to(tl.pointer_type(PARAM_DTYPE))
-    g_ptr = tl.load(a + 1).to(tl.pointer_type(GRAD_DTYPE))
-    m_ptr = tl.load(a + 2).to(tl.pointer_type(PARAM_DTYPE))
-    v_ptr = tl.load(a + 3).to(tl.pointer_type(PARAM_DTYPE))
-    gam_ptr = tl.load(a + 4).to(tl.pointer_type(tl.float32))
-    fam_ptr = tl.load(a + 5).to(tl.pointer_type(tl.float32))
-    factor_ptr = tl.load(a + 6).to(tl.pointer_type(tl.float32))
-    thr_ptr = tl.load(a + 7).to(tl.pointer_type(tl.float32))
+    w_ptr = _table_ptr(a, PARAM_DTYPE, ALIGNED)
+    g_ptr = _table_ptr(a + 1, GRAD_DTYPE, ALIGNED)
+    m_ptr = _table_ptr(a + 2, PARAM_DTYPE, ALIGNED)
+    v_ptr = _table_ptr(a + 3, PARAM_DTYPE, ALIGNED)
+    gam_ptr = _table_ptr(a + 4, tl.float32, ALIGNED)
+    fam_ptr = _table_ptr(a + 5, tl.float32, False)
+    factor_ptr = _table_ptr(a + 6, tl.float32, False)
+    thr_ptr = _table_ptr(a + 7, tl.float32, False)
 
     d = dyn_ptr + t * 12
     beta1 = tl.load(d).to(tl.float32, bitcast=True)
@@ -118,14 +125,51 @@ def _dps_step_kernel(
     eps = tl.load(d + 4).to(tl.float32, bitcast=True)
     decay = tl.load(d + 5).to(tl.float32, bitcast=True)
     step_size = tl.load(d + 6).to(tl.float32, bitcast=True)
-    bias2_sqrt = tl.load(d + 7).to(tl.float32, bitcast=True)
-    decay_after = (zero + tl.load(d + 8)) != 0
-    reset = (zero + tl.load(d + 9)) != 0
+    bias2_sqrt = tl.load(d + 7).to(tl.float32, bitcast=True)   # sqrt(1 - beta2^t) or 1
+    decay_after = tl.load(d + 8)
+    reset = tl.load(d + 9)
     mix_key = tl.load(d + 10).to(tl.uint32, bitcast=True)
     keep_threshold = tl.load(d + 11).to(tl.uint32, bitcast=True)
 
     offs = start + tl.arange(0, BLOCK)
-    inb = offs < numel
+    zero = tl.zeros([BLOCK], dtype=tl.int32)
+    if start + BLOCK <= numel:
+        # A whole block: the all-true mask has known constancy, so the loads vectorize;
+        # with ``offs < numel`` (numel read from a table) they could not.
+        _step_block(offs, zero == 0, zero, cols, kind, w_ptr, g_ptr, m_ptr, v_ptr,
+                    gam_ptr, fam_ptr, factor_ptr, thr_ptr, beta1, one_minus_beta1, beta2,
+                    one_minus_beta2, eps, decay, step_size, bias2_sqrt, decay_after, reset,
+                    mix_key, keep_threshold,
+                    PARAM_DTYPE, FREEZE, EMULATE_RNE)
+    else:
+        _step_block(offs, offs < numel, zero, cols, kind, w_ptr, g_ptr, m_ptr, v_ptr,
+                    gam_ptr, fam_ptr, factor_ptr, thr_ptr, beta1, one_minus_beta1, beta2,
+                    one_minus_beta2, eps, decay, step_size, bias2_sqrt, decay_after, reset,
+                    mix_key, keep_threshold,
+                    PARAM_DTYPE, FREEZE, EMULATE_RNE)
+
+
+@triton.jit
+def _step_block(offs, inb, zero, cols, kind_code, w_ptr, g_ptr, m_ptr, v_ptr, gam_ptr,
+                fam_ptr, factor_ptr, thr_ptr, beta1, one_minus_beta1, beta2, one_minus_beta2,
+                eps, decay, step_size, bias2_sqrt, decay_after_flag, reset_flag, mix_key,
+                keep_threshold, PARAM_DTYPE: tl.constexpr, FREEZE: tl.constexpr,
+                EMULATE_RNE: tl.constexpr):
+    """The step of the elements ``offs`` (``inb``: in bounds) of one tensor."""
+    # Per-tensor flags are broadcast to the block before use: the interpreter mistypes
+    # (block bool) & (scalar bool) as int32, compiled Triton folds the splat away.
+    kind = zero + kind_code
+    decay_after = (zero + decay_after_flag) != 0
+    reset = (zero + reset_flag) != 0
+    dense1 = kind == 1
+    dense2 = kind == 2
+    mix1 = kind == 3
+    mix2 = kind == 4
+    accumulate = dense1 | mix1
+    if FREEZE:
+        thresholded = dense2 | mix2   # Stage II masks are needed only to freeze Mix
+    else:
+        thresholded = dense2
     col = offs % cols
 
     w0 = tl.load(w_ptr + offs, mask=inb, other=0.0).to(tl.float32)
@@ -188,6 +232,8 @@ class _Plan:
         self.block_tensor = _to_device(np.concatenate(block_tensor), device)
         self.block_start = _to_device(np.concatenate(block_start), device)
         self.grid = (int(self.block_tensor.numel()),)
+        # 16-byte aligned element buffers (the allocator's usual case; views may not be)
+        self.aligned = bool((addr[:, :5] % 16 == 0).all())
         # Keep the tensors alive: the tables hold their raw addresses.
         self.keepalive = [(t.param, t.grad, t.exp_avg, t.exp_avg_sq, t.gam, t.fam,
                            t.column_factor, t.threshold) for t in tasks]
@@ -251,8 +297,8 @@ class FusedStep:
             _dps_step_kernel[plan.grid](
                 plan.addr, plan.meta, dyn, plan.block_tensor, plan.block_start,
                 PARAM_DTYPE=TORCH_TO_TL[pdtype], GRAD_DTYPE=TORCH_TO_TL[gdtype],
-                FREEZE=bool(freeze), EMULATE_RNE=interpreter_enabled(), BLOCK=BLOCK,
-                num_warps=4, enable_fp_fusion=False)
+                FREEZE=bool(freeze), ALIGNED=plan.aligned, EMULATE_RNE=interpreter_enabled(),
+                BLOCK=BLOCK, num_warps=4, enable_fp_fusion=False)
 
     def _plan(self, group: list[TensorStep], device: torch.device, freeze: bool) -> _Plan:
         key = (device, bool(freeze)) + tuple(
