@@ -30,6 +30,16 @@ EPS = 1e-6
 ATOL, RTOL = 2e-6, 1e-4  # fp32: the two AdamW implementations round differently
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tensors this small gain nothing from intra-op threads, and on a busy shared machine
+    # the threads' synchronisation made these tests five times slower.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_bert(seed=0, layers=2):
     # Odd sizes (intermediate 48, 3 labels) so that no shape is a power of two only.
     config = transformers.BertConfig(
