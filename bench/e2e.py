@@ -146,6 +146,10 @@ def parse_args(argv=None):
         ap.error("--precision fp16 (GradScaler) needs a CUDA device")
     if args.seq > MODEL_SHAPES[args.model]["max_position_embeddings"]:
         ap.error(f"--seq {args.seq} exceeds the model's max_position_embeddings")
+    if args.quick and args.threads is None:
+        # Tensors of the quick model are tiny: intra-op threads only add synchronisation,
+        # which on a busy machine turned 3 ms steps into 50-500 ms ones.
+        args.threads = 1
     if args.interleave is None:
         args.interleave = device.type != "cuda"
     if args.interleave and device.type == "cuda":
