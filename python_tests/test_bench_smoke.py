@@ -22,17 +22,28 @@ VARIANTS = ["vanilla", "authors_dense", "authors_mix", "dps_dense", "dps_mix"]
 P = 0.3
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench")
+def run_quick(out, *extra):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     # backend torch: the C++ backend may JIT-build on a fresh machine, which is not what
     # this test is about and could take minutes.
     cmd = [sys.executable, "-m", "bench", "--quick", "--device", "cpu", "--backend", "torch",
-           "--threads", "1", "--no-progress", "--p", str(P), "--out", str(out), "--name", "smoke"]
+           "--threads", "1", "--no-progress", "--p", str(P), "--out", str(out), "--name", "smoke",
+           *extra]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc.stdout
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    # Interleaved variants: the CPU default.
+    return run_quick(tmp_path_factory.mktemp("bench"))
+
+
+@pytest.fixture(scope="module")
+def quick_run_sequential(tmp_path_factory):
+    # One variant at a time: the GPU path (minus CUDA), two repeats to exercise pooling.
+    return run_quick(tmp_path_factory.mktemp("bench_seq"), "--no-interleave", "--repeats", "2")
 
 
 def test_outputs_exist_and_parse(quick_run):
@@ -70,3 +81,16 @@ def test_dps_variants_reach_stage_two_with_the_promised_subnetwork(quick_run):
     for v in VARIANTS[1:]:
         assert rows[v]["extra_state_bytes_per_dps_param"] >= 3.5, v
     assert rows["vanilla"]["selected_fraction"] is None
+
+
+def test_sequential_runs_train_the_same_as_interleaved(quick_run, quick_run_sequential):
+    # The RNG is reseeded per step, so the order in which variants run changes nothing but
+    # the timings: the losses must agree exactly.
+    def load(run):
+        return {r["variant"]: r for r in map(json.loads,
+                                             (run[0] / "smoke.jsonl").read_text().splitlines())}
+    inter, seq = load(quick_run), load(quick_run_sequential)
+    for v in VARIANTS:
+        assert seq[v]["final_loss"] == inter[v]["final_loss"], v
+        assert seq[v]["runs"] == 2 and seq[v]["timed_steps"] == 2 * inter[v]["timed_steps"], v
+        assert seq[v]["config"]["interleave"] is False and inter[v]["config"]["interleave"] is True
