@@ -191,50 +191,43 @@ def main(argv=None) -> int:
         points.append(point)
         print(json.dumps({k: v for k, v in point.items() if k not in cond}))
 
-    # All step variants are timed in interleaved rounds (rotated order each round), so
-    # that load from other processes on a shared machine hits every variant alike and the
-    # ratios compare like with like. The torch backend is far slower: it runs only in the
-    # first --torch-repeats rounds.
+    # Phase A: the cpu backend per stage against fused AdamW, in interleaved rounds
+    # (rotated order each round) so that load from other processes on a shared machine
+    # hits every variant alike. Phase B: the torch backend against the cpu backend, also
+    # interleaved, in fewer rounds (it is far slower, and its gigabytes of temporaries
+    # would disturb phase A's timings if mixed in).
     fused_params = [p.clone() for p in work.params]
     for p, g in zip(fused_params, work.grads):
         p.grad = g
     fused = torch.optim.AdamW(fused_params, lr=1e-5, weight_decay=0.01, fused=True)
     stages = ("dense_stage1", "dense_stage2", "mix_stage1", "mix_stage2")
-    variants = {("adamw", "fused_adamw"): fused.step}
-    for stage in stages:
-        tasks = work.tasks(stage)
-        variants[(stage, "cpu")] = (lambda tasks=tasks: cpu_backend.BACKEND.step(tasks, False))
-        variants[(stage, "torch_backend")] = (
-            lambda tasks=tasks: torch_backend.BACKEND.step(tasks, False))
-    times = {key: [] for key in variants}
-    for key, fn in variants.items():
-        for _ in range(args.warmup if key[1] != "torch_backend" else 1):
-            fn()
-    keys = list(variants)
-    for r in range(args.repeats):
-        for key in keys[r % len(keys):] + keys[:r % len(keys)]:
-            if key[1] == "torch_backend" and r >= args.torch_repeats:
-                continue
-            t0 = time.perf_counter()
-            variants[key]()
-            times[key].append(time.perf_counter() - t0)
+    stage_tasks = {stage: work.tasks(stage) for stage in stages}
+    cpu_variants = {("cpu", stage): (None, lambda t=stage_tasks[stage]: cpu_backend.BACKEND.step(t, False))
+                    for stage in stages}
+    times_a = interleaved({("fused_adamw", "adamw"): (None, fused.step), **cpu_variants},
+                          args.warmup, args.repeats)
     del fused, fused_params
+    torch_variants = {("torch_backend", stage): (
+        None, lambda t=stage_tasks[stage]: torch_backend.BACKEND.step(t, False)) for stage in stages}
+    times_b = interleaved({**torch_variants, **cpu_variants}, 1, args.torch_repeats)
 
-    fused_t = summary(times[("adamw", "fused_adamw")])
-    record({"what": "step", "stage": "adamw", "impl": "fused_adamw", **fused_t})
+    fused_t = summary(times_a[("fused_adamw", "adamw")])
+    record({"what": "step", "stage": "adamw", "impl": "fused_adamw", "phase": "A", **fused_t})
     rows = []
     for stage in stages:
-        cpu_t = summary(times[(stage, "cpu")])
-        torch_t = summary(times[(stage, "torch_backend")])
+        cpu_t = summary(times_a[("cpu", stage)])
         ratio_fused = cpu_t["median_ms"] / fused_t["median_ms"]
         # Same-round ratios: less sensitive to load drift than the ratio of medians.
-        paired = statistics.median(c / f for c, f in zip(times[(stage, "cpu")],
-                                                          times[("adamw", "fused_adamw")]))
-        speedup_torch = torch_t["median_ms"] / cpu_t["median_ms"]
-        record({"what": "step", "stage": stage, "impl": "cpu", **cpu_t,
-                "ratio_to_fused_adamw": ratio_fused, "paired_ratio_to_fused_adamw": paired,
+        paired = statistics.median(c / f for c, f in zip(times_a[("cpu", stage)],
+                                                          times_a[("fused_adamw", "adamw")]))
+        cpu_b = summary(times_b[("cpu", stage)])
+        torch_t = summary(times_b[("torch_backend", stage)])
+        speedup_torch = torch_t["median_ms"] / cpu_b["median_ms"]
+        record({"what": "step", "stage": stage, "impl": "cpu", "phase": "A", **cpu_t,
+                "ratio_to_fused_adamw": ratio_fused, "paired_ratio_to_fused_adamw": paired})
+        record({"what": "step", "stage": stage, "impl": "cpu", "phase": "B", **cpu_b,
                 "speedup_vs_torch_backend": speedup_torch})
-        record({"what": "step", "stage": stage, "impl": "torch_backend", **torch_t})
+        record({"what": "step", "stage": stage, "impl": "torch_backend", "phase": "B", **torch_t})
         rows.append((stage, cpu_t, torch_t, ratio_fused, paired, speedup_torch))
 
     # Instruction-set variants of the span kernels on one stage (vectorisation payoff),
@@ -302,13 +295,14 @@ def main(argv=None) -> int:
           f"- command: `{cond['command']}`",
           f"- {n_all / 1e6:.1f}M parameters in {len(shapes)} tensors, {n_dps / 1e6:.1f}M of them "
           "DPS targets (Linear weights); the rest take plain AdamW in every row",
-          f"- {args.repeats} interleaved rounds after {args.warmup} warm-up steps "
-          f"({args.torch_repeats} rounds for the torch backend); median, [q1, q3] in brackets",
+          f"- phase A: cpu backend and fused AdamW, {args.repeats} interleaved rounds after "
+          f"{args.warmup} warm-up steps; phase B: torch backend and cpu backend, "
+          f"{args.torch_repeats} interleaved rounds; median, [q1, q3] in brackets",
           f"- load average at start: {cond['load_average']} (the machine is shared)", "",
           f"torch.optim.AdamW(fused=True): **{fused_t['median_ms']:.1f} ms** "
           f"[{fused_t['q1_ms']:.1f}, {fused_t['q3_ms']:.1f}]", "",
-          "| stage | cpu backend (ms) | torch backend (ms) | cpu / fused AdamW, medians "
-          "(target <= 1.3) | same-round ratio | torch / cpu (target >= 3) |",
+          "| stage | cpu backend (ms, A) | torch backend (ms, B) | cpu / fused AdamW, medians "
+          "(A; target <= 1.3) | same-round ratio (A) | torch / cpu (B; target >= 3) |",
           "|---|---|---|---|---|---|"]
     for stage, c, t, r, pr, s in rows:
         md.append(f"| {stage} | {c['median_ms']:.1f} [{c['q1_ms']:.1f}, {c['q3_ms']:.1f}] | "
