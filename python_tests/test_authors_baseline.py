@@ -9,9 +9,17 @@ documented differences (forward-counted steps, GAM before clipping, /1e3) do not
 the trajectory, so only fp32 rounding separates the two.
 """
 import copy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+# bench/ is not part of the installed package; make it importable when pytest is started
+# as `pytest` (which, unlike `python -m pytest`, does not put the repository root on sys.path).
+ROOT = str(Path(__file__).resolve().parents[1])
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 
 transformers = pytest.importorskip("transformers")
 
