@@ -3,7 +3,9 @@
 For every ``nn.Linear`` weight of BERT-large (from ``transformers.BertConfig``, meta device,
 no download) with a random GAM, selects ``k = ceil(n * (1 - p))`` elements, p = 0.3:
 
-* ``triton``: ``BACKEND.select_threshold`` (3 histogram passes, threshold on device);
+* ``triton``: ``BACKEND.select_threshold`` per tensor (3 histogram passes, threshold on
+  device; 7 launches per tensor);
+* ``triton_batched``: ``BACKEND.select_thresholds`` over all tensors at once (7 launches);
 * ``triton_approx``: the same with ``approx=True`` (first pass only);
 * ``sort``: ``torch.sort(score, descending=True)`` and ``thr = sorted[k - 1]`` (what the
   authors' code does, minus their int64 index copies).
@@ -71,6 +73,9 @@ def main() -> None:
         def triton_all(approx=False):
             return [backend.select_threshold(g, f, k, approx=approx) for g, f, k in items]
 
+        def triton_batched():
+            return backend.select_thresholds(items)
+
         def sort_all():
             out = []
             for g, f, k in items:
@@ -80,15 +85,18 @@ def main() -> None:
 
         # correctness first (untimed): identical masks, approx a superset
         identical = superset = True
-        for (g, f, k), t, a, s in zip(items, triton_all(), triton_all(True), sort_all()):
+        for (g, f, k), t, b, a, s in zip(items, triton_all(), triton_batched(),
+                                         triton_all(True), sort_all()):
             score = g if f is None else ref.mix_score(g, f)
             identical &= bool(torch.equal(score >= t, score >= s))
+            identical &= bool(torch.equal(score >= b, score >= s))
             superset &= bool(((score >= s) <= (score >= a)).all())
         extra = sum(int((ref.mix_score(g, f) if f is not None else g).ge(a).sum()) - k
                     for (g, f, k), a in zip(items, triton_all(True)))
         n = sum(g.numel() for g, _, _ in items)
         timings = {name: bench(fn) for name, fn in (
-            ("triton", triton_all), ("triton_approx", lambda: triton_all(True)),
+            ("triton", triton_all), ("triton_batched", triton_batched),
+            ("triton_approx", lambda: triton_all(True)),
             ("sort", sort_all))}
         for name, (med, q20, q80) in timings.items():
             records.append(dict(cond, op=name, mode=mode, tensors=len(items), elements=n,

@@ -624,3 +624,30 @@ def test_step_on_views_at_any_alignment(device, offset):
     for a, b in zip(*runs):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     assert torch.equal(runs[0][3], runs[1][3])
+
+
+@devices
+@pytest.mark.parametrize("approx", [False, True], ids=["exact", "approx"])
+def test_select_thresholds_batched(device, approx):
+    """Many tensors (Dense and Mix scores, ties, sizes 1 to several chunks) in one call give
+    the same thresholds as one call per tensor."""
+    device = _device_param(device)
+    gen = torch.Generator().manual_seed(21)
+    items = []
+    for i, shape in enumerate(_shapes(device) + [(5, 1013), (2, 3)]):
+        gam = _scores(("random", "ties", "zeros", "signed")[i % 4], shape, device, gen)
+        factor = None
+        if i % 2:
+            fam = torch.randint(0, 61, (columns_of(shape),), generator=gen).float()
+            factor = ref.mix_column_factor(fam, 60).to(device)
+        n = gam.numel()
+        for k in {1, selected_count(n, 0.3), n}:
+            items.append((gam, factor, k))
+    got = triton_backend().select_thresholds(items, approx=approx)
+    assert len(got) == len(items)
+    for (gam, factor, k), thr in zip(items, got):
+        assert thr.shape == () and thr.dtype == torch.float32
+        assert torch.equal(thr, triton_backend().select_threshold(gam, factor, k, approx))
+        if not approx:
+            score = gam if factor is None else ref.mix_score(gam, factor)
+            assert torch.equal(thr, ref.kth_largest(score, k))

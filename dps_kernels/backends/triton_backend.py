@@ -8,7 +8,6 @@ module does not import triton; the kernels (``dps_kernels.ops.triton``) and the
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 from typing import Optional
 
 import torch
@@ -21,8 +20,10 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def unavailable_reason() -> Optional[str]:
     """None when the Triton backend can run here, else why not."""
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed (pip install triton)"
+    try:
+        import triton  # noqa: F401  (imported only here and when the kernels load)
+    except Exception as exc:  # ImportError, or a broken install raising anything else
+        return f"triton cannot be imported ({type(exc).__name__}: {exc})"
     if not torch.cuda.is_available() and not interpreter_enabled():
         return ("no CUDA device is available and TRITON_INTERPRET is not set "
                 "(set TRITON_INTERPRET=1 to run the kernels in the Triton interpreter on CPU)")
@@ -68,6 +69,15 @@ class TritonBackend(Backend):
         """Exact k-th largest score (``approx=True``: one radix pass, see radix_select.py)."""
         ops = self._load()
         return ops.select_threshold(gam, column_factor, int(k), bool(approx))
+
+    def select_thresholds(self, items, approx: bool = False) -> list[torch.Tensor]:
+        """``select_threshold`` of every ``(gam, column_factor or None, k)`` of ``items`` in
+        7 launches in all (not 7 per tensor): what an optimizer should call when several
+        tensors reach the end of Stage I at the same step. Not a torch.library op."""
+        self._load()
+        from ..ops.triton import radix_select
+        return radix_select.select_thresholds([(g, f, int(k)) for g, f, k in items],
+                                              bool(approx))
 
     def mix_weight(self, weight, anchor, mask: MixMask, p, out_dtype=None):
         ops = self._load()

@@ -16,7 +16,8 @@ After each histogram a one-program "pick" kernel finds the bin b holding the k-t
 ``k -= count(bins > b)``, all on the device (prefix and remaining k live in a small int32
 workspace). After pass 3 the prefix is the exact key of the k-th largest value; the last
 pick writes it, decoded, to a 0-d fp32 tensor. No host sync; 7 launches per tensor
-(1 memset + 3 histograms + 3 picks), whatever the size.
+(1 memset + 3 histograms + 3 picks), whatever the size; ``select_thresholds`` does a
+whole list of tensors in 7 launches (see the second half of this file).
 
 Bytes moved per element: 4 (GAM) per pass, 12 in all (+ the factor vector, cached).
 torch.sort moves >= 4 reads + 12 writes per element per radix pass plus an index payload.
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -132,29 +134,34 @@ def _programs(n: int, device: torch.device) -> int:
     return min(blocks, 4)
 
 
-def select_threshold(gam: torch.Tensor, column_factor: Optional[torch.Tensor], k: int,
-                     approx: bool = False, launch=None) -> torch.Tensor:
-    """k-th largest of ``gam`` (or ``gam * column_factor[col]``) as a 0-d fp32 device tensor.
-
-    ``launch`` wraps each kernel (``wrap_triton`` under torch.library).
-    """
+def _check_selection(gam: torch.Tensor, column_factor: Optional[torch.Tensor], k: int) -> None:
     if gam.dtype != torch.float32 or not gam.is_contiguous():
         raise ValueError(f"gam must be a contiguous fp32 tensor, got {gam.dtype}, "
                          f"contiguous={gam.is_contiguous()}")
     n = gam.numel()
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
-    if n >= 2**31 - BLOCK:
+    if n >= 2**31 - 16 * BLOCK:
         raise ValueError(f"selection over 2**31 or more elements is not supported (n={n})")
-    has_factor = column_factor is not None
-    cols = 1
-    if has_factor:
+    if column_factor is not None:
         cols = column_factor.numel()
         if (column_factor.dtype != torch.float32 or not column_factor.is_contiguous()
                 or cols < 1 or n % cols or column_factor.device != gam.device):
             raise ValueError(f"column_factor must be a contiguous fp32 vector on {gam.device} "
                              f"whose length divides {n}, got {column_factor.dtype} "
                              f"[{cols}] on {column_factor.device}")
+
+
+def select_threshold(gam: torch.Tensor, column_factor: Optional[torch.Tensor], k: int,
+                     approx: bool = False, launch=None) -> torch.Tensor:
+    """k-th largest of ``gam`` (or ``gam * column_factor[col]``) as a 0-d fp32 device tensor.
+
+    ``launch`` wraps each kernel (``wrap_triton`` under torch.library).
+    """
+    _check_selection(gam, column_factor, k)
+    n = gam.numel()
+    has_factor = column_factor is not None
+    cols = column_factor.numel() if has_factor else 1
     work = torch.zeros(WORKSPACE, dtype=torch.int32, device=gam.device)
     out = torch.empty((), dtype=torch.float32, device=gam.device)
     programs = _programs(n, gam.device)
@@ -176,3 +183,139 @@ def select_threshold(gam: torch.Tensor, column_factor: Optional[torch.Tensor], k
             WRITE=last)
         offset += bins
     return out
+
+
+# ------------------------------------------------------------------ many tensors at once
+# The same passes over every DPS tensor of a model in 7 launches in all (a memset, 3
+# histogram and 3 pick launches), instead of 7 per tensor: on BERT-large (146 tensors) the
+# per-tensor launch overhead would otherwise exceed the kernels' own time. Buffers are
+# reached through a pointer table (as in fused_step.py), so this path is not a
+# torch.library op; the single-tensor ``select_threshold`` above is.
+
+@triton.jit
+def _multi_hist_kernel(
+    addr_ptr,       # int64 [T, 2]: addresses of GAM and of the column factor (or GAM)
+    meta_ptr,       # int32 [T, 3]: numel, cols, has_factor per tensor
+    chunk_ptr,      # int32 [C, 2]: tensor index and first element of each program's chunk
+    work_ptr,       # int32 [T, WORK_STRIDE]: per tensor [prefix, remaining k, histograms]
+    WORK_STRIDE: tl.constexpr,
+    HIST_OFFSET: tl.constexpr,
+    SHIFT: tl.constexpr,
+    NUM_BINS: tl.constexpr,
+    HIGH: tl.constexpr,
+    FIRST: tl.constexpr,
+    TILES: tl.constexpr,        # BLOCK-element tiles per chunk
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    t = tl.load(chunk_ptr + 2 * pid).to(tl.int64)
+    start = tl.load(chunk_ptr + 2 * pid + 1)
+    n = tl.load(meta_ptr + 3 * t)
+    cols = tl.load(meta_ptr + 3 * t + 1)
+    zero = tl.zeros([BLOCK], dtype=tl.int32)
+    # broadcast before use (see fused_step.py: interpreter typing of scalar bools)
+    has_factor = (zero + tl.load(meta_ptr + 3 * t + 2)) != 0
+    gam_ptr = tl.load(addr_ptr + 2 * t).to(tl.pointer_type(tl.float32))
+    factor_ptr = tl.load(addr_ptr + 2 * t + 1).to(tl.pointer_type(tl.float32))
+    work = work_ptr + t * WORK_STRIDE
+    prefix = tl.load(work).to(tl.uint32, bitcast=True)
+    hist = tl.zeros([NUM_BINS], dtype=tl.int32)
+    skipped = tl.full((), 0, tl.int32)
+    sign = tl.full((), 0x80000000, tl.uint32)
+    for i in range(TILES):
+        offs = start + i * BLOCK + tl.arange(0, BLOCK)
+        inb = offs < n
+        s = tl.load(gam_ptr + offs, mask=inb, other=0.0)
+        # s * 1.0 == s exactly, so Dense scores are GAM bit for bit
+        f = tl.load(factor_ptr + offs % cols, mask=inb & has_factor, other=1.0)
+        bits = (s * f).to(tl.uint32, bitcast=True)
+        key = tl.where((bits & sign) != 0, ~bits, bits | sign)
+        if FIRST:
+            valid = inb
+        else:
+            valid = inb & ((key >> HIGH) == (prefix >> HIGH))
+        digit = tl.where(valid, (key >> SHIFT) & (NUM_BINS - 1), 0).to(tl.int32)
+        hist += tl.histogram(digit, NUM_BINS)
+        skipped += tl.sum(1 - valid.to(tl.int32), axis=0)
+    bins = tl.arange(0, NUM_BINS)
+    hist -= tl.where(bins == 0, skipped, 0)
+    tl.atomic_add(work + HIST_OFFSET + bins, hist, mask=hist != 0)
+
+
+@triton.jit
+def _multi_pick_kernel(
+    work_ptr,    # int32 [T, WORK_STRIDE]
+    k_ptr,       # int32 [T]: k of each tensor (read by the first pass)
+    out_ptr,     # fp32 [T]: thresholds
+    WORK_STRIDE: tl.constexpr,
+    HIST_OFFSET: tl.constexpr,
+    SHIFT: tl.constexpr,
+    NUM_BINS: tl.constexpr,
+    FIRST: tl.constexpr,
+    WRITE: tl.constexpr,
+):
+    t = tl.program_id(0)
+    work = work_ptr + t * WORK_STRIDE
+    bins = tl.arange(0, NUM_BINS)
+    hist = tl.load(work + HIST_OFFSET + bins)
+    if FIRST:
+        remaining = tl.load(k_ptr + t)
+        prefix = tl.full((), 0, tl.uint32)
+    else:
+        remaining = tl.load(work + 1)
+        prefix = tl.load(work).to(tl.uint32, bitcast=True)
+    total = tl.sum(hist, axis=0)
+    above = total - tl.cumsum(hist, axis=0)
+    hit = (above < remaining) & (above + hist >= remaining)
+    b = tl.max(tl.where(hit, bins, -1), axis=0)
+    remaining -= tl.sum(tl.where(bins == b, above, 0), axis=0)
+    prefix = prefix | (b.to(tl.uint32) << SHIFT)
+    tl.store(work, prefix.to(tl.int32, bitcast=True))
+    tl.store(work + 1, remaining)
+    if WRITE:
+        sign = tl.full((), 0x80000000, tl.uint32)
+        bits = tl.where((prefix & sign) != 0, prefix ^ sign, ~prefix)
+        tl.store(out_ptr + t, bits.to(tl.float32, bitcast=True))
+
+
+def select_thresholds(items, approx: bool = False) -> list[torch.Tensor]:
+    """``select_threshold`` of every ``(gam, column_factor or None, k)`` in ``items`` in 7
+    launches; returns one 0-d fp32 tensor per item (views of one device buffer)."""
+    from .fused_step import _to_device   # pinned, non-blocking table upload
+
+    if not items:
+        return []
+    device = items[0][0].device
+    addr = np.zeros((len(items), 2), dtype=np.int64)
+    meta = np.zeros((len(items), 3), dtype=np.int32)
+    ks = np.zeros(len(items), dtype=np.int32)
+    chunks = []
+    tiles = 8 if device.type == "cuda" else 2
+    for i, (gam, factor, k) in enumerate(items):
+        _check_selection(gam, factor, k)
+        if gam.device != device:
+            raise ValueError(f"all tensors must be on {device}, got one on {gam.device}")
+        n = gam.numel()
+        addr[i] = [gam.data_ptr(), (gam if factor is None else factor).data_ptr()]
+        meta[i] = [n, 1 if factor is None else factor.numel(), factor is not None]
+        ks[i] = k
+        starts = np.arange(0, n, tiles * BLOCK, dtype=np.int32)
+        chunks.append(np.stack([np.full_like(starts, i), starts], axis=1))
+    addr_t, meta_t = _to_device(addr, device), _to_device(meta, device)
+    chunk_t, k_t = _to_device(np.concatenate(chunks), device), _to_device(ks, device)
+    work = torch.zeros((len(items), WORKSPACE), dtype=torch.int32, device=device)
+    out = torch.empty(len(items), dtype=torch.float32, device=device)
+    offset = 2
+    passes = PASSES[:1] if approx else PASSES
+    for i, (shift, bins) in enumerate(passes):
+        _multi_hist_kernel[(chunk_t.shape[0],)](
+            addr_t, meta_t, chunk_t, work, WORK_STRIDE=WORKSPACE, HIST_OFFSET=offset,
+            SHIFT=shift, NUM_BINS=bins, HIGH=shift + bins.bit_length() - 1, FIRST=i == 0,
+            TILES=tiles, BLOCK=BLOCK)
+        _multi_pick_kernel[(len(items),)](
+            work, k_t, out, WORK_STRIDE=WORKSPACE, HIST_OFFSET=offset, SHIFT=shift,
+            NUM_BINS=bins, FIRST=i == 0, WRITE=i == len(passes) - 1)
+        offset += bins
+    # Inputs freed by the caller after this returns are safe: the caching allocator
+    # reuses memory in stream order, after these kernels.
+    return [out[i] for i in range(len(items))]
