@@ -27,9 +27,9 @@ Launch strategy. The kernel reads the addresses of each tensor's buffers from a 
 table (int64 ``data_ptr()`` values cast in-kernel with ``.to(tl.pointer_type(...))``), so one
 launch covers every tensor of a param group that shares (param dtype, grad dtype); launches
 per ``step()`` = number of such dtype groups (1 for a usual model), not the number of
-tensors. Programs map to (tensor, block) through a block table built on the host. The
-address/metadata/block tables depend only on the tensors, so they are cached and reused
-while the same tensors come back (keyed by their addresses and kinds). Only the per-step
+tensors. Programs map to (tensor, block) through a block table built on the host, cached
+by the tensor sizes; the address/metadata tables are cached by the addresses and kinds,
+so a training loop reuses them and new gradient buffers only rebuild 88 bytes per tensor. Only the per-step
 scalars (bias corrections, lr-dependent decay, Mix hash keys, reset flags: 12 words per
 tensor) are uploaded each step, from pinned memory with ``non_blocking=True``: no host
 synchronisation. The pointer table works unchanged in the Triton interpreter, where the
@@ -209,34 +209,48 @@ def _step_block(offs, inb, zero, cols, kind_code, w_ptr, g_ptr, m_ptr, v_ptr, ga
     tl.store(v_ptr + offs, round_to(v, PARAM_DTYPE, EMULATE_RNE), mask=update)
 
 
-class _Plan:
-    """Device tables of one list of tensors (cached while the same tensors come back)."""
+class _Layout:
+    """Block table of a list of tensor sizes: program -> (tensor, first element).
 
-    def __init__(self, tasks: list[TensorStep], device: torch.device, dummy: torch.Tensor):
+    Depends only on the sizes, so it survives new gradient buffers, new thresholds and
+    reloaded state; on BERT-large it is 325,764 entries (2.6 MB), worth not rebuilding.
+    """
+
+    def __init__(self, numels: tuple, device: torch.device):
+        counts = [triton.cdiv(n, BLOCK) for n in numels]
+        block_tensor = np.repeat(np.arange(len(numels), dtype=np.int32), counts)
+        block_start = np.concatenate([np.arange(c, dtype=np.int32) * BLOCK for c in counts])
+        self.block_tensor = _to_device(block_tensor, device)
+        self.block_start = _to_device(block_start, device)
+        self.grid = (int(block_tensor.size),)
+
+
+class _Plan:
+    """Address and metadata tables of one list of tensors (88 bytes per tensor).
+
+    Cached by the tensors' addresses; no reference to the tensors is kept (a plan is only
+    used when the current tensors have exactly its addresses), so gradients set to None
+    between steps are freed as usual.
+    """
+
+    def __init__(self, tasks: list[TensorStep], layout: _Layout, device: torch.device,
+                 dummy: torch.Tensor):
         addr = np.zeros((len(tasks), N_ADDR), dtype=np.int64)
         meta = np.zeros((len(tasks), N_META), dtype=np.int64)
-        block_tensor, block_start = [], []
         dummy_addr = dummy.data_ptr()
         for i, task in enumerate(tasks):
-            n = task.param.numel()
             opt = [task.gam, task.fam, task.column_factor, task.threshold]
             addr[i] = [task.param.data_ptr(), task.grad.data_ptr(), task.exp_avg.data_ptr(),
                        task.exp_avg_sq.data_ptr()] + [
                            dummy_addr if x is None else x.data_ptr() for x in opt]
-            meta[i] = [n, task.cols, KIND_CODE[task.kind]]
-            nblocks = triton.cdiv(n, BLOCK)
-            block_tensor.append(np.full(nblocks, i, dtype=np.int32))
-            block_start.append(np.arange(nblocks, dtype=np.int32) * BLOCK)
+            meta[i] = [task.param.numel(), task.cols, KIND_CODE[task.kind]]
         self.addr = _to_device(addr, device)
         self.meta = _to_device(meta, device)
-        self.block_tensor = _to_device(np.concatenate(block_tensor), device)
-        self.block_start = _to_device(np.concatenate(block_start), device)
-        self.grid = (int(self.block_tensor.numel()),)
+        self.layout = layout
+        self.block_tensor, self.block_start = layout.block_tensor, layout.block_start
+        self.grid = layout.grid
         # 16-byte aligned element buffers (the allocator's usual case; views may not be)
         self.aligned = bool((addr[:, :5] % 16 == 0).all())
-        # Keep the tensors alive: the tables hold their raw addresses.
-        self.keepalive = [(t.param, t.grad, t.exp_avg, t.exp_avg_sq, t.gam, t.fam,
-                           t.column_factor, t.threshold) for t in tasks]
 
 
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -277,6 +291,7 @@ class FusedStep:
 
     def __init__(self):
         self._plans: dict = {}
+        self._layouts: dict = {}
         self._dummies: dict = {}
 
     def _dummy(self, device: torch.device) -> torch.Tensor:
@@ -311,7 +326,12 @@ class FusedStep:
         if plan is None:
             for task in group:
                 _check(task, device)
-            plan = _Plan(group, device, self._dummy(device))
+            numels = (device,) + tuple(t.param.numel() for t in group)
+            layout = self._layouts.pop(numels, None) or _Layout(numels[1:], device)
+            if len(self._layouts) >= self.MAX_PLANS:
+                self._layouts.pop(next(iter(self._layouts)))
+            self._layouts[numels] = layout
+            plan = _Plan(group, layout, device, self._dummy(device))
             if len(self._plans) >= self.MAX_PLANS:
                 self._plans.pop(next(iter(self._plans)))
         self._plans[key] = plan  # most recently used last
