@@ -675,3 +675,26 @@ def test_new_gradient_buffers_reuse_the_block_layout(device):
     del grads
     assert all(r() is None for r in refs), "the backend kept a gradient alive"
     assert plans[0].layout is plans[1].layout
+
+
+@devices
+def test_fp32_gradients_on_bf16_params(device):
+    """Gradients in another dtype than the parameter (fp32 master gradients on bf16
+    weights) are read in their own dtype: equal to the torch backend."""
+    device = _device_param(device)
+    gen = torch.Generator().manual_seed(8)
+    s = ref.adamw_scalars(1e-2, 0.9, 0.99, 1e-6, 0.1, 3, "hf_legacy")
+    runs = []
+    for backend in (triton_backend(), torch_backend()):
+        gen.manual_seed(8)
+        p = torch.randn(7, 13, generator=gen).bfloat16().to(device)
+        g = torch.randn(7, 13, generator=gen).to(device)          # fp32
+        gam = torch.rand(7, 13, generator=gen).to(device)
+        m, v = torch.zeros_like(p), torch.zeros_like(p)
+        backend.step([TensorStep(StepKind.DENSE_STAGE1, p, g, m, v, s, gam=gam, cols=13)],
+                     False)
+        runs.append((p, m, v, gam))
+    for a, b in zip(runs[0][:3], runs[1][:3]):
+        # one bf16 rounding of fp32 values that may differ by an ulp (torch's CPU sqrt)
+        torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=ATOL[torch.bfloat16])
+    assert torch.equal(runs[0][3], runs[1][3])   # GAM from fp32 gradients: exact
