@@ -17,7 +17,8 @@ CPU_EXT_SOURCES = ["csrc/bindings.cpp", "csrc/dps_step.cpp", "csrc/dps_select.cp
                    "csrc/dps_mix.cpp", "csrc/dispatch.cpp", "csrc/span_kernels_default.cpp",
                    "csrc/span_kernels_avx2.cpp", "csrc/span_kernels_avx512.cpp"]
 # Same flags as the JIT build in dps_kernels/backends/cpu_backend.py (see the reasons there).
-CPU_EXT_CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
+CPU_EXT_CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math",
+                     "-fopenmp"]
 
 
 def _cpu_extension():

@@ -38,9 +38,10 @@ CSRC = Path(__file__).resolve().parents[2] / "csrc"
 SOURCES = ("bindings.cpp", "dps_step.cpp", "dps_select.cpp", "dps_mix.cpp", "dispatch.cpp",
            "span_kernels_default.cpp", "span_kernels_avx2.cpp", "span_kernels_avx512.cpp")
 # -ffp-contract=off: no fused multiply-adds, so every fp32 operation rounds like the
-# reference (torch's element-wise ops); -fno-math-errno lets sqrt vectorise; -fopenmp
-# makes at::parallel_for parallel (ATen's OpenMP backend is header-inline).
-CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
+# reference (torch's element-wise ops); -fno-math-errno lets sqrt vectorise and
+# -fno-trapping-math lets the masked selects vectorise (neither changes a result bit);
+# -fopenmp makes at::parallel_for parallel (ATen's OpenMP backend is header-inline).
+CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
 LD_FLAGS = ["-fopenmp"]
 
 _KIND_CODES = {StepKind.PLAIN: 0, StepKind.DENSE_STAGE1: 1, StepKind.DENSE_STAGE2: 2,
