@@ -93,8 +93,10 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
     const at::Tensor& g = grads[i];
     TORCH_CHECK(g.defined() && g.device().is_cpu(), "dps_cpu.fused_step: grads[", i,
                 "] must be a CPU tensor");
-    TORCH_CHECK(g.scalar_type() == dtype, "dps_cpu.fused_step: grads[", i, "] must have the ",
-                "param's dtype ", dtype, ", got ", g.scalar_type());
+    // fp32 gradients on bf16 parameters are accepted, as by the torch backend.
+    TORCH_CHECK(g.scalar_type() == dtype || g.scalar_type() == at::kFloat,
+                "dps_cpu.fused_step: grads[", i, "] must have the param's dtype ", dtype,
+                " or float32, got ", g.scalar_type());
     TORCH_CHECK(g.sizes() == p.sizes(), "dps_cpu.fused_step: grads[", i, "] has shape ",
                 g.sizes(), " but params[", i, "] has shape ", p.sizes());
     // Gradients are read only, so an odd layout costs a copy instead of an error.
@@ -118,6 +120,7 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
     s.bf16 = dtype == at::kBFloat16;
     s.freeze = freeze;
     s.reset = reset;
+    s.grad_fp32 = s.bf16 && g.scalar_type() == at::kFloat;
     s.param = p.data_ptr();
     s.grad = contiguous_grads[i].data_ptr();
     s.exp_avg = exp_avgs[i].data_ptr();
@@ -194,10 +197,11 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
       const int64_t begin = (c - first_chunk[i]) * kChunk;
       const int64_t end = std::min(begin + kChunk, base.len);
       const int64_t esize = base.bf16 ? 2 : 4;
+      const int64_t gsize = base.bf16 && !base.grad_fp32 ? 2 : 4;
       auto run = [&](int64_t start, int64_t len, int64_t col0) {
         StepSpan s = base;
         s.param = static_cast<char*>(base.param) + start * esize;
-        s.grad = static_cast<const char*>(base.grad) + start * esize;
+        s.grad = static_cast<const char*>(base.grad) + start * gsize;
         s.exp_avg = static_cast<char*>(base.exp_avg) + start * esize;
         s.exp_avg_sq = static_cast<char*>(base.exp_avg_sq) + start * esize;
         if (base.gam) s.gam = base.gam + start;

@@ -29,6 +29,7 @@ struct StepScalars {
 struct StepSpan {
   int kind;
   bool bf16, freeze, reset;
+  bool grad_fp32;  // fp32 gradient on a bf16 parameter
   void* param;
   const void* grad;
   void* exp_avg;

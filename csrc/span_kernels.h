@@ -55,11 +55,12 @@ template <> struct Io<uint16_t> {  // bf16 storage
 };
 
 // KIND values are the StepKind codes of span_args.h. FREEZE only matters for kinds
-// with a mask; RESET only for the Stage I kinds.
-template <typename T, int KIND, bool FREEZE, bool RESET>
+// with a mask; RESET only for the Stage I kinds. G is the gradient's storage (the
+// param's, or fp32 gradients on bf16 parameters).
+template <typename T, typename G, int KIND, bool FREEZE, bool RESET>
 static void step_span_t(const StepSpan& a) {
   T* __restrict__ w = static_cast<T*>(a.param);
-  const T* __restrict__ g = static_cast<const T*>(a.grad);
+  const G* __restrict__ g = static_cast<const G*>(a.grad);
   T* __restrict__ m = static_cast<T*>(a.exp_avg);
   T* __restrict__ v = static_cast<T*>(a.exp_avg_sq);
   float* __restrict__ gam = a.gam;
@@ -72,7 +73,7 @@ static void step_span_t(const StepSpan& a) {
   // leaves every masked loop scalar on AVX2 and SSE ("control flow in loop").
 #pragma GCC ivdep
   for (int64_t j = 0; j < n; ++j) {
-    float gj = Io<T>::load(g[j]);
+    float gj = Io<G>::load(g[j]);
     const float w0 = Io<T>::load(w[j]);
     const float m0 = Io<T>::load(m[j]);
     const float v0 = Io<T>::load(v[j]);
@@ -107,37 +108,39 @@ static void step_span_t(const StepSpan& a) {
   }
 }
 
-template <typename T>
+template <typename T, typename G>
 static void step_span_dtype(const StepSpan& a) {
   // Kinds whose freeze/non-freeze loops coincide share one instantiation: Mix Stage I
   // without freeze is Dense Stage I, Mix Stage II without freeze is plain AdamW.
   switch (a.kind) {
     case KIND_PLAIN:
-      return step_span_t<T, KIND_PLAIN, false, false>(a);
+      return step_span_t<T, G, KIND_PLAIN, false, false>(a);
     case KIND_DENSE_STAGE1:
-      return a.reset ? step_span_t<T, KIND_DENSE_STAGE1, false, true>(a)
-                     : step_span_t<T, KIND_DENSE_STAGE1, false, false>(a);
+      return a.reset ? step_span_t<T, G, KIND_DENSE_STAGE1, false, true>(a)
+                     : step_span_t<T, G, KIND_DENSE_STAGE1, false, false>(a);
     case KIND_DENSE_STAGE2:
-      return a.freeze ? step_span_t<T, KIND_DENSE_STAGE2, true, false>(a)
-                      : step_span_t<T, KIND_DENSE_STAGE2, false, false>(a);
+      return a.freeze ? step_span_t<T, G, KIND_DENSE_STAGE2, true, false>(a)
+                      : step_span_t<T, G, KIND_DENSE_STAGE2, false, false>(a);
     case KIND_MIX_STAGE1:
       if (!a.freeze) {
-        return a.reset ? step_span_t<T, KIND_DENSE_STAGE1, false, true>(a)
-                       : step_span_t<T, KIND_DENSE_STAGE1, false, false>(a);
+        return a.reset ? step_span_t<T, G, KIND_DENSE_STAGE1, false, true>(a)
+                       : step_span_t<T, G, KIND_DENSE_STAGE1, false, false>(a);
       }
-      return a.reset ? step_span_t<T, KIND_MIX_STAGE1, true, true>(a)
-                     : step_span_t<T, KIND_MIX_STAGE1, true, false>(a);
+      return a.reset ? step_span_t<T, G, KIND_MIX_STAGE1, true, true>(a)
+                     : step_span_t<T, G, KIND_MIX_STAGE1, true, false>(a);
     case KIND_MIX_STAGE2:
-      return a.freeze ? step_span_t<T, KIND_MIX_STAGE2, true, false>(a)
-                      : step_span_t<T, KIND_PLAIN, false, false>(a);
+      return a.freeze ? step_span_t<T, G, KIND_MIX_STAGE2, true, false>(a)
+                      : step_span_t<T, G, KIND_PLAIN, false, false>(a);
   }
 }
 
 void step_span(const StepSpan& a) {
-  if (a.bf16) {
-    step_span_dtype<uint16_t>(a);
+  if (!a.bf16) {
+    step_span_dtype<float, float>(a);
+  } else if (a.grad_fp32) {
+    step_span_dtype<uint16_t, float>(a);
   } else {
-    step_span_dtype<float>(a);
+    step_span_dtype<uint16_t, uint16_t>(a);
   }
 }
 

@@ -82,7 +82,7 @@ class Tensors:
 
 
 def simulate(mode, freeze, style, dtype, shape, p, us, steps, ties=False, weight_decay=0.1,
-             seed=0, check_every_step=True):
+             seed=0, check_every_step=True, grad_dtype=None):
     """Run ``steps`` optimizer steps on both backends; compare as the module docstring says."""
     gen = torch.Generator().manual_seed(seed)
     init_state = torch.get_rng_state()
@@ -99,7 +99,8 @@ def simulate(mode, freeze, style, dtype, shape, p, us, steps, ties=False, weight
             raw = torch.randint(-3, 4, shape, generator=gen).to(dtype)
         else:
             raw = (torch.randn(shape, generator=gen) * 0.1).to(dtype)
-        bias_grad = torch.randn(shape[0], generator=gen).to(dtype)
+        raw = raw.to(grad_dtype or dtype)
+        bias_grad = torch.randn(shape[0], generator=gen).to(grad_dtype or dtype)
         key = step_key(seed, 0, t)
         keep_thr = keep_threshold(p)
         scalars = ref.adamw_scalars(LR, 0.8, 0.95, 1e-6, weight_decay, t, style)
@@ -183,6 +184,15 @@ def test_extreme_p(p, mode, freeze):
 def test_ties_integer_gradients(mode, dtype):
     simulate(mode, True, "torch", dtype, (31, 17), p=0.5, us=2, steps=7, ties=True)
     simulate(mode, False, "hf_legacy", dtype, (31, 17), p=0.3, us=3, steps=8, ties=True)
+
+
+@pytest.mark.parametrize("freeze", [False, True], ids=["mask", "freeze"])
+@pytest.mark.parametrize("mode", ["dense", "mix"])
+def test_fp32_gradients_on_bf16_parameters(mode, freeze):
+    # Mixed precision may hand fp32 gradients to bf16 parameters; the torch backend
+    # accepts them (grad.float()), so the cpu backend must too, with the same result.
+    simulate(mode, freeze, "torch", torch.bfloat16, (33, 40), p=0.3, us=2, steps=7,
+             grad_dtype=torch.float32)
 
 
 @pytest.mark.parametrize("mode", ["dense", "mix"])
@@ -334,7 +344,8 @@ def _task(**over):
     (lambda: _task(dtype=torch.float16), r"params\[0\] must be float32 or bfloat16"),
     (lambda: _task(param=torch.zeros(6, 4).t()), r"params\[0\] must be contiguous"),
     (lambda: _task(grad=torch.zeros(4, 5)), r"grads\[0\] has shape"),
-    (lambda: _task(grad=torch.zeros(4, 6, dtype=torch.float64)), r"grads\[0\] must have the param's dtype"),
+    (lambda: _task(grad=torch.zeros(4, 6, dtype=torch.float64)), r"grads\[0\] must have the param's dtype .* or float32"),
+    (lambda: _task(dtype=torch.bfloat16, grad=torch.zeros(4, 6, dtype=torch.float16)), r"grads\[0\] must have"),
     (lambda: _task(exp_avg=torch.zeros(4, 6, dtype=torch.bfloat16)), r"exp_avgs\[0\] must have the param's dtype"),
     (lambda: _task(gam=torch.zeros(4, 6, dtype=torch.float64)), r"gams\[0\] must be float32"),
     (lambda: _task(gam=torch.zeros(3)), r"gams\[0\] must have 24 elements"),
