@@ -93,6 +93,7 @@ class DPSAdamW(torch.optim.Optimizer):
         self._param_index: dict[int, int] = {}   # id(param) -> index (hash key, messages)
         self._group_index: dict[int, int] = {}   # id(param) -> index into param_groups
         self._backend_cache: dict[int, object] = {}
+        self._fallback_warned: set[tuple[str, str]] = set()
         self._wired: dict[int, object] = {}  # id(param) -> wiring handle (Mix)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, p=p,
                         freeze=freeze, dps=True)
@@ -173,8 +174,11 @@ class DPSAdamW(torch.optim.Optimizer):
                      f"{param.dtype}, {param.device})")
             if request != "auto":
                 raise ValueError(f"backend={request!r} cannot step {where}: {reason}")
-            warnings.warn(f"dps_kernels: backend {name!r} cannot step {where} ({reason}); "
-                          f"using the torch backend for it", stacklevel=3)
+            if (name, reason) not in self._fallback_warned:
+                self._fallback_warned.add((name, reason))
+                warnings.warn(f"dps_kernels: backend {name!r} cannot step {where} ({reason}); "
+                              f"using the torch backend for it and for every other parameter "
+                              f"refused for the same reason", stacklevel=3)
             backend = get_backend("torch")
         self._backend_cache[id(param)] = backend
         return backend
@@ -220,15 +224,24 @@ class DPSAdamW(torch.optim.Optimizer):
             task.column_factor = state["column_factor"]
         return task
 
-    def _select(self, param, group, state, backend) -> None:
-        """Choose the Stage II subnetwork right after the last Stage I step."""
-        k = selected_count(param.numel(), group["p"])
-        if self.mode == "dense":
-            state["threshold"] = backend.select_threshold(state["gam"], None, k)
-            return
-        state["column_factor"] = ref.mix_column_factor(state["fam"], self.update_steps)
-        state["threshold"] = backend.select_threshold(state["gam"], state["column_factor"], k)
-        state["stage_anchor"].copy_(param.detach())
+    def _select(self, due: list) -> None:
+        """Choose the Stage II subnetworks right after the last Stage I step.
+
+        ``due`` holds ``(param, group, state, backend)`` of every tensor that just closed
+        Stage I; each backend gets all of its tensors in one ``select_thresholds`` call.
+        """
+        by_backend: dict[int, tuple[object, list]] = {}
+        for param, group, state, backend in due:
+            if self.mode == "mix":
+                state["column_factor"] = ref.mix_column_factor(state["fam"], self.update_steps)
+                state["stage_anchor"].copy_(param.detach())
+            by_backend.setdefault(id(backend), (backend, []))[1].append((param, group, state))
+        for backend, entries in by_backend.values():
+            items = [(state["gam"], state["column_factor"] if self.mode == "mix" else None,
+                      selected_count(param.numel(), group["p"]))
+                     for param, group, state in entries]
+            for (_, _, state), threshold in zip(entries, backend.select_thresholds(items)):
+                state["threshold"] = threshold
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -251,10 +264,13 @@ class DPSAdamW(torch.optim.Optimizer):
                 stepped.append((param, state, t, backend))
             for backend, tasks in batches.values():
                 backend.step(tasks, group["freeze"])
+            due = []
             for param, state, t, backend in stepped:
                 state["step"] = t
                 if group["dps"] and is_last_of_stage_one(t, self.update_steps):
-                    self._select(param, group, state, backend)
+                    due.append((param, group, state, backend))
+            if due:
+                self._select(due)
         return loss
 
     # ------------------------------------------------------------------ Mix forward support

@@ -175,3 +175,17 @@ def test_grad_none_params_are_skipped_like_torch():
     assert torch.equal(model.scale.weight, before)
     assert "step" not in opt.state.get(model.scale.weight, {})
     assert opt.state[model.inp.weight]["step"] == 1
+
+
+def test_auto_fallback_to_torch_warns_once_per_reason(recwarn):
+    from dps_kernels import available_backends
+    if "cpu" not in available_backends():
+        pytest.skip("the cpu backend is not built here, so auto picks torch and never falls back")
+    model = make(torch.float64)  # the cpu backend takes fp32/bf16 only
+    opt = DPSAdamW.from_model(model, update_steps=2)
+    for batch in batches(3, torch.float64):
+        opt.zero_grad()
+        mse(model, batch).backward()
+        opt.step()
+    fallbacks = [w for w in recwarn if "cannot step" in str(w.message)]
+    assert len(fallbacks) == 1, [str(w.message) for w in fallbacks]

@@ -90,6 +90,13 @@ class Backend:
         """Exact k-th largest of ``gam`` (Dense) or ``gam * column_factor[col]`` (Mix)."""
         raise NotImplementedError
 
+    def select_thresholds(self, items: list[tuple[torch.Tensor, Optional[torch.Tensor], int]]
+                          ) -> list[torch.Tensor]:
+        """``select_threshold`` of every ``(gam, column_factor, k)``; the optimizer calls this
+        once per backend for all tensors that end Stage I at the same step, so a backend can
+        batch them (the Triton one does all in a fixed number of launches)."""
+        return [self.select_threshold(gam, factor, k) for gam, factor, k in items]
+
     def mix_weight(self, weight: torch.Tensor, anchor: torch.Tensor, mask: MixMask, p: float,
                    out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         raise NotImplementedError
