@@ -48,13 +48,52 @@ BLOCK = 1024
 
 
 @triton.jit
+def _order_key(s):
+    """fp32 -> uint32 whose unsigned order is the float order (sign flip / complement)."""
+    bits = s.to(tl.uint32, bitcast=True)
+    sign = tl.full((), 0x80000000, tl.uint32)
+    return tl.where((bits & sign) != 0, ~bits, bits | sign)
+
+
+@triton.jit
+def _key_to_float(key):
+    """Inverse of _order_key."""
+    sign = tl.full((), 0x80000000, tl.uint32)
+    bits = tl.where((key & sign) != 0, key ^ sign, ~key)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _score_key(gam_ptr, factor_ptr, offs, inb, cols, HAS_FACTOR: tl.constexpr):
     s = tl.load(gam_ptr + offs, mask=inb, other=0.0)
     if HAS_FACTOR:
         s = s * tl.load(factor_ptr + offs % cols, mask=inb, other=0.0)
-    bits = s.to(tl.uint32, bitcast=True)
-    sign = tl.full((), 0x80000000, tl.uint32)
-    return tl.where((bits & sign) != 0, ~bits, bits | sign)
+    return _order_key(s)
+
+
+@triton.jit
+def _digit_counts(key, inb, prefix, SHIFT: tl.constexpr, NUM_BINS: tl.constexpr,
+                  HIGH: tl.constexpr, FIRST: tl.constexpr):
+    """Histogram of this pass's digit over the keys that still match the known prefix, and
+    the number of lanes that did not count (they land in bin 0; see _flush_histogram)."""
+    if FIRST:
+        valid = inb
+    else:
+        valid = inb & ((key >> HIGH) == (prefix >> HIGH))
+    digit = tl.where(valid, (key >> SHIFT) & (NUM_BINS - 1), 0).to(tl.int32)
+    return tl.histogram(digit, NUM_BINS), tl.sum(1 - valid.to(tl.int32), axis=0)
+
+
+@triton.jit
+def _flush_histogram(hist_ptr, hist, skipped, NUM_BINS: tl.constexpr):
+    """Take the lanes that did not count back out of bin 0 and add to the shared histogram.
+
+    The correction keeps the histogram a true count (for debugging and the approx path's
+    reasoning); the pick itself never depends on bin 0's count, since bin 0 is the lowest
+    bin and ``remaining`` only subtracts bins above the chosen one."""
+    bins = tl.arange(0, NUM_BINS)
+    hist -= tl.where(bins == 0, skipped, 0)
+    tl.atomic_add(hist_ptr + bins, hist, mask=hist != 0)
 
 
 @triton.jit
@@ -81,16 +120,10 @@ def _radix_hist_kernel(
         offs = (pid * tiles + i) * BLOCK + tl.arange(0, BLOCK)
         inb = offs < n
         key = _score_key(gam_ptr, factor_ptr, offs, inb, cols, HAS_FACTOR)
-        if FIRST:
-            valid = inb
-        else:
-            valid = inb & ((key >> HIGH) == (prefix >> HIGH))
-        digit = tl.where(valid, (key >> SHIFT) & (NUM_BINS - 1), 0).to(tl.int32)
-        hist += tl.histogram(digit, NUM_BINS)
-        skipped += tl.sum(1 - valid.to(tl.int32), axis=0)
-    bins = tl.arange(0, NUM_BINS)
-    hist -= tl.where(bins == 0, skipped, 0)
-    tl.atomic_add(work_ptr + HIST_OFFSET + bins, hist, mask=hist != 0)
+        counts, missed = _digit_counts(key, inb, prefix, SHIFT, NUM_BINS, HIGH, FIRST)
+        hist += counts
+        skipped += missed
+    _flush_histogram(work_ptr + HIST_OFFSET, hist, skipped, NUM_BINS)
 
 
 @triton.jit
@@ -121,9 +154,7 @@ def _radix_pick_kernel(
     tl.store(work_ptr, prefix.to(tl.int32, bitcast=True))
     tl.store(work_ptr + 1, remaining)
     if WRITE:
-        sign = tl.full((), 0x80000000, tl.uint32)
-        bits = tl.where((prefix & sign) != 0, prefix ^ sign, ~prefix)
-        tl.store(out_ptr, bits.to(tl.float32, bitcast=True))
+        tl.store(out_ptr, _key_to_float(prefix))
 
 
 def _programs(n: int, device: torch.device) -> int:
@@ -221,25 +252,17 @@ def _multi_hist_kernel(
     prefix = tl.load(work).to(tl.uint32, bitcast=True)
     hist = tl.zeros([NUM_BINS], dtype=tl.int32)
     skipped = tl.full((), 0, tl.int32)
-    sign = tl.full((), 0x80000000, tl.uint32)
     for i in range(TILES):
         offs = start + i * BLOCK + tl.arange(0, BLOCK)
         inb = offs < n
         s = tl.load(gam_ptr + offs, mask=inb, other=0.0)
         # s * 1.0 == s exactly, so Dense scores are GAM bit for bit
         f = tl.load(factor_ptr + offs % cols, mask=inb & has_factor, other=1.0)
-        bits = (s * f).to(tl.uint32, bitcast=True)
-        key = tl.where((bits & sign) != 0, ~bits, bits | sign)
-        if FIRST:
-            valid = inb
-        else:
-            valid = inb & ((key >> HIGH) == (prefix >> HIGH))
-        digit = tl.where(valid, (key >> SHIFT) & (NUM_BINS - 1), 0).to(tl.int32)
-        hist += tl.histogram(digit, NUM_BINS)
-        skipped += tl.sum(1 - valid.to(tl.int32), axis=0)
-    bins = tl.arange(0, NUM_BINS)
-    hist -= tl.where(bins == 0, skipped, 0)
-    tl.atomic_add(work + HIST_OFFSET + bins, hist, mask=hist != 0)
+        key = _order_key(s * f)
+        counts, missed = _digit_counts(key, inb, prefix, SHIFT, NUM_BINS, HIGH, FIRST)
+        hist += counts
+        skipped += missed
+    _flush_histogram(work + HIST_OFFSET, hist, skipped, NUM_BINS)
 
 
 @triton.jit
@@ -273,9 +296,7 @@ def _multi_pick_kernel(
     tl.store(work, prefix.to(tl.int32, bitcast=True))
     tl.store(work + 1, remaining)
     if WRITE:
-        sign = tl.full((), 0x80000000, tl.uint32)
-        bits = tl.where((prefix & sign) != 0, prefix ^ sign, ~prefix)
-        tl.store(out_ptr + t, bits.to(tl.float32, bitcast=True))
+        tl.store(out_ptr + t, _key_to_float(prefix))
 
 
 def select_thresholds(items, approx: bool = False) -> list[torch.Tensor]:
