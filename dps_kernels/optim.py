@@ -24,7 +24,7 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 

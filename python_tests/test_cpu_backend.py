@@ -29,7 +29,6 @@ import pytest
 import torch
 
 from dps_kernels import reference as ref
-from dps_kernels.backends import base
 from dps_kernels.backends import cpu_backend, torch_backend
 from dps_kernels.backends.base import MixMask, StepKind, TensorStep
 from dps_kernels.mask_hash import columns_of, keep_threshold, step_key

@@ -10,7 +10,6 @@ formulas in the same order (the oracle only materialises masks and sorts instead
 selecting), so parameters must be bit-identical; any schedule, mask or threshold slip of
 one step or one element shows up as a difference.
 """
-import math
 
 import pytest
 import torch
