@@ -11,7 +11,9 @@ with multipliers below 2**31 so that torch can evaluate it exactly in int64):
 
     x ^= x >> 16; x *= 0x21F0AAAD; x ^= x >> 15; x *= 0x735A2D97; x ^= x >> 15   (mod 2**32)
 
-Keys are chained, one mix per field; the per-step prefix is computed on the host:
+Keys are chained, one mix per field; ``key_base`` (the first three mixes) is fixed per
+parameter, and the last mix, with the step, is done on the host or, by the fused and
+capturable kernels, on the device:
 
     key  = H(H(H(H(seed_lo) ^ seed_hi) ^ param_index) ^ step)
     h    = H(key ^ column)
@@ -55,12 +57,16 @@ def hash32_tensor(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def step_key(seed: int, param_index: int, step: int) -> int:
-    """The per-(seed, parameter, step) prefix of the keep-mask hash."""
+def key_base(seed: int, param_index: int) -> int:
+    """The per-(seed, parameter) part of the key; kernels finish it with the step."""
     x = hash32(seed & MASK32)
     x = hash32(x ^ ((seed >> 32) & MASK32))
-    x = hash32(x ^ (param_index & MASK32))
-    return hash32(x ^ (step & MASK32))
+    return hash32(x ^ (param_index & MASK32))
+
+
+def step_key(seed: int, param_index: int, step: int) -> int:
+    """The per-(seed, parameter, step) prefix of the keep-mask hash: ``H(key_base ^ step)``."""
+    return hash32(key_base(seed, param_index) ^ (step & MASK32))
 
 
 def keep_threshold(p: float) -> int:

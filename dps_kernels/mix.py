@@ -51,6 +51,7 @@ class MixHandle:
         self.params = []
 
     def remove(self) -> None:
+        self.optimizer._invalidate_plans()
         for hook in self.hooks:
             hook.remove()
         for param in self.params:

@@ -30,10 +30,11 @@ import torch
 
 from . import reference as ref
 from .backends import BACKEND_NAMES, auto_backend_name, get_backend, unavailable_reason
-from .backends.base import MixMask, StepKind, TensorStep
-from .mask_hash import column_keep_mask, columns_of, keep_threshold, step_key
+from .group_plan import GroupPlan, mix_factor_table
+from .mask_hash import column_keep_mask, columns_of, key_base, keep_threshold, step_key
 from .schedule import (STAGE_ONE, is_last_of_stage_one, is_stage_start, resolve_update_steps,
                        selected_count, stage_of)
+from .step_types import MAX_TENSOR_ELEMENTS, GroupStep, MixMask, StepKind, TensorStep
 
 MODES = ("dense", "mix")
 # State that is fp32 whatever the parameter dtype: restored as saved by load_state_dict,
@@ -48,6 +49,12 @@ def _check_number(name, value, low, high=None, low_open=False):
     if not ok:
         bound = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'})"
         raise ValueError(f"{name} must be a finite number in {bound}, got {value!r}")
+
+
+def _steps_taken(state: dict) -> int:
+    """``state["step"]`` as an int (a device tensor when capturable: this syncs)."""
+    step = state.get("step", 0)
+    return int(step.item()) if torch.is_tensor(step) else step
 
 
 class DPSAdamW(torch.optim.Optimizer):
@@ -68,11 +75,24 @@ class DPSAdamW(torch.optim.Optimizer):
             AdamW, as in the paper's runs).
         seed: seed of the Mix Stage I keep-masks (counter-based, identical on every backend).
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cpu"``.
+        capturable: keep step counters and hyperparameters on the device and decide the
+            stage, the selection, the bias corrections and the Mix keys in the kernels, so
+            every ``step()`` (and every Mix forward/backward) launches the same kernels with
+            the same arguments and a whole training step can be captured in a CUDA graph.
+            Triton backend only. GradScaler's scale and inf flag are then consumed in-kernel
+            without a host sync. See ``docs/capturable.md``.
     """
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        # GradScaler hands a capturable optimizer ``grad_scale``/``found_inf`` instead of
+        # syncing; the host-scheduled path keeps GradScaler's usual skip (which accelerate
+        # and the Trainer rely on to hold the LR schedule back on skipped steps).
+        return self.capturable
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
                  mode="dense", p=0.3, total_steps=None, update_ratio=None, update_steps=None,
-                 freeze=False, adamw_style="torch", seed=0, backend="auto"):
+                 freeze=False, adamw_style="torch", seed=0, backend="auto", capturable=False):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if adamw_style not in ref.ADAMW_STYLES:
@@ -81,10 +101,13 @@ class DPSAdamW(torch.optim.Optimizer):
             raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 64:
             raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
+        if not isinstance(capturable, bool):
+            raise TypeError(f"capturable must be a bool, got {capturable!r}")
         if backend != "auto":
             reason = unavailable_reason(backend)
             if reason is not None:
                 raise RuntimeError(f"backend={backend!r} is not available here: {reason}")
+        self.capturable = capturable
         self.mode = mode
         self.update_steps = resolve_update_steps(total_steps, update_ratio, update_steps)
         self.adamw_style = adamw_style
@@ -95,8 +118,10 @@ class DPSAdamW(torch.optim.Optimizer):
         self._backend_cache: dict[int, object] = {}
         self._fallback_warned: set[tuple[str, str]] = set()
         self._wired: dict[int, object] = {}  # id(param) -> wiring handle (Mix)
+        self._plans: dict[int, GroupPlan] = {}   # group index -> cached step data
+        self._factor_table = None                # capturable Mix (group_plan.mix_factor_table)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, p=p,
-                        freeze=freeze, dps=True)
+                        freeze=freeze, dps=True, capturable=capturable)
         super().__init__(params, defaults)
         if mode == "mix":
             # W0 is the weight when the optimizer is built; the first forward needs it.
@@ -107,9 +132,25 @@ class DPSAdamW(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ groups, state
     def add_param_group(self, param_group):
+        """torch's ``add_param_group`` plus DPS validation; a rejected group leaves the
+        optimizer exactly as it was."""
+        groups_before = len(self.param_groups)
+        known = set(self._param_index)
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        _check_number("lr", group["lr"], 0.0)
+        try:
+            self._validate_group(self.param_groups[-1], len(self.param_groups) - 1)
+        except Exception:
+            del self.param_groups[groups_before:]
+            for pid in set(self._param_index) - known:
+                self._param_index.pop(pid, None)
+                self._group_index.pop(pid, None)
+                self._backend_cache.pop(pid, None)
+            raise
+        self._plans.clear()
+
+    def _validate_group(self, group: dict, group_index: int) -> None:
+        _check_number("lr", group["lr"] if not torch.is_tensor(group["lr"])
+                      else float(group["lr"]), 0.0)
         _check_number("eps", group["eps"], 0.0)
         _check_number("weight_decay", group["weight_decay"], 0.0)
         betas = group["betas"]
@@ -121,17 +162,30 @@ class DPSAdamW(torch.optim.Optimizer):
         for flag in ("freeze", "dps"):
             if not isinstance(group[flag], bool):
                 raise TypeError(f"{flag} must be a bool, got {group[flag]!r}")
+        if group["capturable"] != self.capturable:
+            raise ValueError(f"capturable is set per optimizer ({self.capturable}); a group "
+                             f"cannot set capturable={group['capturable']!r}")
         for param in group["params"]:
             self._param_index.setdefault(id(param), len(self._param_index))
-            self._group_index[id(param)] = len(self.param_groups) - 1
+            self._group_index[id(param)] = group_index
+            where = f"parameter #{self._param_index[id(param)]} (shape {tuple(param.shape)})"
             if group["dps"] and not param.is_floating_point():
-                raise TypeError(
-                    f"DPS parameter #{self._param_index[id(param)]} (shape {tuple(param.shape)}) "
-                    f"must be floating point, got dtype {param.dtype}; put it in a group "
-                    f"with 'dps': False")
+                raise TypeError(f"DPS {where} must be floating point, got dtype {param.dtype}; "
+                                f"put it in a group with 'dps': False")
             if param.is_complex():
-                raise TypeError(f"parameter #{self._param_index[id(param)]} is complex "
-                                f"({param.dtype}); DPSAdamW supports real parameters only")
+                raise TypeError(f"{where} is complex ({param.dtype}); DPSAdamW supports real "
+                                f"parameters only")
+            if param.numel() > MAX_TENSOR_ELEMENTS:
+                raise ValueError(f"{where} has {param.numel()} elements, more than the fused "
+                                 f"kernels' limit of {MAX_TENSOR_ELEMENTS}; split it, or put "
+                                 f"it in a group with 'dps': False and use another optimizer")
+            # Resolve the backend now, so a tensor no backend can step fails (or falls back)
+            # when the optimizer is built, not in the middle of training.
+            backend = self._backend_for(param)
+            if self.capturable and backend.name != "triton":
+                raise ValueError(f"capturable=True needs the triton backend, but {where} "
+                                 f"would be stepped by {backend.name!r} (backend="
+                                 f"{self.backend_request!r}, device {param.device})")
 
     def _group_of(self, param) -> dict:
         index = self._group_index.get(id(param))
@@ -144,7 +198,8 @@ class DPSAdamW(torch.optim.Optimizer):
         state = self.state[param]
         if "step" in state:
             return state
-        state["step"] = 0
+        state["step"] = (torch.zeros((), dtype=torch.float32, device=param.device)
+                         if self.capturable else 0)
         state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
         if group["dps"]:
@@ -183,6 +238,10 @@ class DPSAdamW(torch.optim.Optimizer):
         self._backend_cache[id(param)] = backend
         return backend
 
+    def _invalidate_plans(self) -> None:
+        """Forget the cached per-group step data (see group_plan.py)."""
+        self._plans.clear()
+
     # ------------------------------------------------------------------ the step
     def _check_grad(self, param, group):
         grad = param.grad
@@ -199,7 +258,7 @@ class DPSAdamW(torch.optim.Optimizer):
 
     def _task(self, param, group, state, t) -> TensorStep:
         beta1, beta2 = group["betas"]
-        scalars = ref.adamw_scalars(group["lr"], beta1, beta2, group["eps"],
+        scalars = ref.adamw_scalars(float(group["lr"]), beta1, beta2, group["eps"],
                                     group["weight_decay"], t, self.adamw_style)
         task = TensorStep(StepKind.PLAIN, param, param.grad, state["exp_avg"],
                           state["exp_avg_sq"], scalars)
@@ -228,20 +287,21 @@ class DPSAdamW(torch.optim.Optimizer):
         """Choose the Stage II subnetworks right after the last Stage I step.
 
         ``due`` holds ``(param, group, state, backend)`` of every tensor that just closed
-        Stage I; each backend gets all of its tensors in one ``select_thresholds`` call.
+        Stage I; each backend gets all of its tensors in one ``select_thresholds`` call,
+        which writes the thresholds into the state in place (their addresses stay put).
         """
         by_backend: dict[int, tuple[object, list]] = {}
         for param, group, state, backend in due:
             if self.mode == "mix":
-                state["column_factor"] = ref.mix_column_factor(state["fam"], self.update_steps)
+                state["column_factor"].copy_(
+                    ref.mix_column_factor(state["fam"], self.update_steps))
                 state["stage_anchor"].copy_(param.detach())
             by_backend.setdefault(id(backend), (backend, []))[1].append((param, group, state))
         for backend, entries in by_backend.values():
             items = [(state["gam"], state["column_factor"] if self.mode == "mix" else None,
                       selected_count(param.numel(), group["p"]))
                      for param, group, state in entries]
-            for (_, _, state), threshold in zip(entries, backend.select_thresholds(items)):
-                state["threshold"] = threshold
+            backend.select_thresholds(items, out=[state["threshold"] for _, _, state in entries])
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -249,37 +309,135 @@ class DPSAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            batches: dict[int, tuple[object, list[TensorStep]]] = {}
-            stepped = []
-            for param in group["params"]:
-                if param.grad is None:
+        grad_scale = getattr(self, "grad_scale", None) if self.capturable else None
+        found_inf = getattr(self, "found_inf", None) if self.capturable else None
+        for index, group in enumerate(self.param_groups):
+            plan = self._plans.get(index)
+            if plan is not None and not plan.still_valid(group):
+                plan = None
+            if plan is not None and (plan.t is not None or plan.capturable):
+                grads = [p.grad for p in plan.params]
+                if not any(g is None for g in grads):
+                    if plan.capturable:
+                        self._step_capturable(group, plan, grads, grad_scale, found_inf)
+                    else:
+                        self._step_planned(group, plan, grads)
                     continue
-                self._check_grad(param, group)
-                state = self._init_state(param, group)
-                t = state["step"] + 1
-                backend = self._backend_for(param)
-                batches.setdefault(id(backend), (backend, []))[1].append(
-                    self._task(param, group, state, t))
-                stepped.append((param, state, t, backend))
-            for backend, tasks in batches.values():
-                backend.step(tasks, group["freeze"])
-            due = []
-            for param, state, t, backend in stepped:
-                state["step"] = t
-                if group["dps"] and is_last_of_stage_one(t, self.update_steps):
-                    due.append((param, group, state, backend))
-            if due:
-                self._select(due)
+                if plan.capturable and not all(g is None for g in grads):
+                    missing = next(p for p, g in zip(plan.params, grads) if g is None)
+                    raise RuntimeError(
+                        f"capturable=True needs every parameter of a group to have a gradient "
+                        f"at each step (or none), but parameter "
+                        f"#{self._param_index[id(missing)]} (shape {tuple(missing.shape)}) has "
+                        f"none")
+            self._step_general(index, group, grad_scale, found_inf)
         return loss
+
+    def _step_planned(self, group: dict, plan: GroupPlan, grads: list) -> None:
+        """The usual step: every parameter of the group has a gradient and one step t."""
+        t = plan.t + 1
+        beta1, beta2 = group["betas"]
+        scalars = ref.adamw_scalars(float(group["lr"]), beta1, beta2, group["eps"],
+                                    group["weight_decay"], t, self.adamw_style)
+        stage = stage_of(t, self.update_steps)
+        for part in plan.parts:
+            part_grads = grads if len(plan.parts) == 1 else [grads[i] for i in part.indices]
+            part.backend.step_group(GroupStep(
+                plan.mode, part.entries, part_grads, group["freeze"], self.adamw_style,
+                keep_threshold=keep_threshold(group["p"]), t=t, stage=stage,
+                reset=stage == STAGE_ONE and is_stage_start(t, self.update_steps),
+                scalars=scalars, update_steps=self.update_steps, cache=part.cache))
+        for state in plan.states:
+            state["step"] = t
+        plan.t = t
+        if plan.mode != "plain" and is_last_of_stage_one(t, self.update_steps):
+            self._select([(param, group, state, self._backend_for(param))
+                          for param, state in zip(plan.params, plan.states)])
+
+    def _step_capturable(self, group, plan: GroupPlan, grads, grad_scale, found_inf) -> None:
+        """Every launch and argument the same at every step (see docs/capturable.md)."""
+        device = plan.params[0].device
+        hyper = plan.device_hyper(group, device)
+        for part in plan.parts:
+            part_grads = grads if len(plan.parts) == 1 else [grads[i] for i in part.indices]
+            part.backend.step_group(GroupStep(
+                plan.mode, part.entries, part_grads, group["freeze"], self.adamw_style,
+                keep_threshold=keep_threshold(group["p"]), capturable=True, hyper=hyper,
+                update_steps=self.update_steps, grad_scale=grad_scale, found_inf=found_inf,
+                cache=part.cache))
+            if plan.mode != "plain":
+                if part.selection is None:
+                    part.selection = self._capturable_selection(plan, part, group, device)
+                part.backend.select_capturable(part.selection, found_inf)
+        steps = [state["step"] for state in plan.states]
+        torch._foreach_add_(steps, 1.0)
+        if found_inf is not None:
+            torch._foreach_sub_(steps, [found_inf.to(device)] * len(steps))
+
+    def _capturable_selection(self, plan, part, group, device):
+        from .ops.triton.radix_select import CapturableSelection
+
+        table = None
+        if self.mode == "mix":
+            if self._factor_table is None or self._factor_table.device != device:
+                self._factor_table = mix_factor_table(self.update_steps, device)
+            table = self._factor_table
+        entries = [(e.gam, e.column_factor if self.mode == "mix" else None,
+                    selected_count(e.param.numel(), group["p"]), e.threshold, e.device_step,
+                    e.fam) for e in part.entries if e.param.numel()]
+        return CapturableSelection(entries, self.update_steps, table) if entries else None
+
+    def _step_general(self, index: int, group: dict, grad_scale, found_inf) -> None:
+        """Any step: per-parameter steps may differ (a parameter without a gradient at some
+        step does not advance). Builds the group's plan for the next steps when it can."""
+        self._plans.pop(index, None)
+        batches: dict = {}
+        stepped = []
+        for param in group["params"]:
+            if param.grad is None:
+                continue
+            self._check_grad(param, group)
+            state = self._init_state(param, group)
+            backend = self._backend_for(param)
+            t = None if self.capturable else state["step"] + 1
+            batches.setdefault((id(backend), t), (backend, t, []))[2].append(param)
+            stepped.append((param, state, t, backend))
+        if self.capturable:
+            if stepped:
+                if len(stepped) != len(group["params"]):
+                    raise RuntimeError(
+                        "capturable=True needs every parameter of a group to have a gradient "
+                        "at each step (or none)")
+                plan = self._plans[index] = GroupPlan(self, group)
+                self._step_capturable(group, plan, [p.grad for p in plan.params],
+                                      grad_scale, found_inf)
+            return
+        for backend, t, params in batches.values():
+            tasks = [self._task(p, group, self.state[p], t) for p in params]
+            backend.step(tasks, group["freeze"])
+        due = []
+        for param, state, t, backend in stepped:
+            state["step"] = t
+            if group["dps"] and is_last_of_stage_one(t, self.update_steps):
+                due.append((param, group, state, backend))
+        if due:
+            self._select(due)
+        if stepped and len(stepped) == len(group["params"]):
+            self._plans[index] = GroupPlan(self, group)
 
     # ------------------------------------------------------------------ Mix forward support
     def _mix_mask(self, param) -> MixMask:
         """The mask of the Mix forward for the step about to be taken (state step + 1)."""
         group = self._group_of(param)
         state = self._init_state(param, group)
-        t = state["step"] + 1
         cols = columns_of(param.shape)
+        if self.capturable:   # decided on the device from state["step"]: no host sync
+            return MixMask(cols, keep_threshold=keep_threshold(group["p"]), gam=state["gam"],
+                           column_factor=state["column_factor"], threshold=state["threshold"],
+                           device_step=state["step"],
+                           key_base=key_base(self.seed, self._param_index[id(param)]),
+                           update_steps=self.update_steps, stage_anchor=state["stage_anchor"])
+        t = state["step"] + 1
         if stage_of(t, self.update_steps) == STAGE_ONE:
             return MixMask(cols, column_key=step_key(self.seed, self._param_index[id(param)], t),
                            keep_threshold=keep_threshold(group["p"]))
@@ -288,7 +446,7 @@ class DPSAdamW(torch.optim.Optimizer):
 
     def _mix_anchor(self, param) -> torch.Tensor:
         state = self.state[param]
-        if stage_of(state["step"] + 1, self.update_steps) == STAGE_ONE:
+        if self.capturable or stage_of(state["step"] + 1, self.update_steps) == STAGE_ONE:
             return state["anchor"]
         return state["stage_anchor"]
 
@@ -303,8 +461,7 @@ class DPSAdamW(torch.optim.Optimizer):
         """Stage (1 or 2) of the next step of ``param`` (default: the first parameter)."""
         if param is None:
             param = self.param_groups[0]["params"][0]
-        state = self.state.get(param, {})
-        return stage_of(state.get("step", 0) + 1, self.update_steps)
+        return stage_of(_steps_taken(self.state.get(param, {})) + 1, self.update_steps)
 
     def stage_one_mask(self, param, step: int) -> torch.Tensor:
         """Mix keep-mask (bool, one entry per input feature) of 1-based Stage I ``step``."""
@@ -326,7 +483,7 @@ class DPSAdamW(torch.optim.Optimizer):
         if not group["dps"]:
             raise ValueError("subnetwork() needs a DPS parameter (its group has 'dps': False)")
         state = self.state.get(param, {})
-        if stage_of(state.get("step", 0) + 1, self.update_steps) == STAGE_ONE:
+        if stage_of(_steps_taken(state) + 1, self.update_steps) == STAGE_ONE:
             return None
         score = state["gam"]
         if self.mode == "mix":
@@ -372,6 +529,17 @@ class DPSAdamW(torch.optim.Optimizer):
                                  f"an optimizer built with {key}={mine.get(key)!r}")
         state_dict = {k: v for k, v in state_dict.items() if k != "dps"}
         super().load_state_dict(state_dict)
+        self._invalidate_plans()
+        for group in self.param_groups:
+            # a run may be resumed with or without capturable: the flag is the optimizer's
+            group["capturable"] = self.capturable
+            for param in group["params"]:
+                state = self.state.get(param)
+                if state and "step" in state:
+                    steps = _steps_taken(state)
+                    state["step"] = (torch.tensor(float(steps), dtype=torch.float32,
+                                                  device=param.device)
+                                     if self.capturable else steps)
         # torch casts every floating state tensor to the parameter's dtype; GAM, FAM and
         # the thresholds must stay fp32 (a bf16 GAM would change the selection).
         saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])

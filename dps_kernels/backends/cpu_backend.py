@@ -28,7 +28,8 @@ from typing import Optional
 
 import torch
 
-from .base import Backend, MixMask, StepKind, TensorStep
+from ..step_types import MixMask, StepKind, TensorStep
+from .base import Backend
 
 # Must equal dps::kAbiVersion in csrc/ops.h.
 ABI_VERSION = 1

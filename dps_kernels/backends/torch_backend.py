@@ -12,7 +12,8 @@ import torch
 
 from .. import reference as ref
 from ..mask_hash import column_keep_mask
-from .base import Backend, MixMask, StepKind, TensorStep
+from ..step_types import MixMask, StepKind, TensorStep
+from .base import Backend
 
 
 def _rows(t: torch.Tensor, cols: int) -> torch.Tensor:

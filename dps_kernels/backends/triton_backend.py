@@ -13,7 +13,8 @@ from typing import Optional
 import torch
 
 from . import interpreter_enabled
-from .base import Backend, MixMask, TensorStep
+from ..step_types import MAX_TENSOR_ELEMENTS, GroupStep, MixMask, TensorStep
+from .base import Backend
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -54,8 +55,9 @@ class TritonBackend(Backend):
             return f"device {tensor.device} is neither CUDA nor CPU (interpreter)"
         if not tensor.is_contiguous():
             return "the tensor is not contiguous (the fused kernels walk flat memory)"
-        if tensor.numel() >= 2**31 - 4096:
-            return "tensors of 2**31 or more elements are not supported"
+        if tensor.numel() > MAX_TENSOR_ELEMENTS:
+            return (f"{tensor.numel()} elements is more than the fused kernels' limit of "
+                    f"{MAX_TENSOR_ELEMENTS} (int32 offsets)")
         return None
 
     def step(self, tasks: list[TensorStep], freeze: bool) -> None:
@@ -65,29 +67,45 @@ class TritonBackend(Backend):
                  for t in tasks]
         self._fused_step(tasks, freeze)
 
+    def step_group(self, group: GroupStep) -> None:
+        self._load()
+        self._fused_step.group(group)
+
     def select_threshold(self, gam, column_factor, k, approx: bool = False):
         """Exact k-th largest score (``approx=True``: one radix pass, see radix_select.py)."""
         ops = self._load()
         return ops.select_threshold(gam, column_factor, int(k), bool(approx))
 
-    def select_thresholds(self, items, approx: bool = False) -> list[torch.Tensor]:
+    def select_thresholds(self, items, out=None, approx: bool = False) -> list[torch.Tensor]:
         """``select_threshold`` of every ``(gam, column_factor or None, k)`` of ``items`` in
         7 launches in all (not 7 per tensor): what an optimizer should call when several
-        tensors reach the end of Stage I at the same step. Not a torch.library op."""
+        tensors reach the end of Stage I at the same step. With ``out`` the kernels write
+        each threshold into its 0-d tensor in place. Not a torch.library op."""
         self._load()
         from ..ops.triton import radix_select
         return radix_select.select_thresholds([(g, f, int(k)) for g, f, k in items],
-                                              bool(approx))
+                                              bool(approx), out=out)
+
+    def select_capturable(self, selection, found_inf=None) -> None:
+        """The capturable selection of a :class:`radix_select.CapturableSelection`: the same
+        launches at every step, each exiting early on the device unless its tensor has just
+        closed Stage I."""
+        self._load()
+        if selection is not None:
+            selection.run(found_inf)
 
     def mix_weight(self, weight, anchor, mask: MixMask, p, out_dtype=None):
         ops = self._load()
         return ops.mix_weight(weight, anchor, mask.cols, mask.column_key, mask.keep_threshold,
-                              mask.gam, mask.column_factor, mask.threshold, float(p), out_dtype)
+                              mask.gam, mask.column_factor, mask.threshold, float(p), out_dtype,
+                              mask.device_step, mask.key_base, mask.update_steps,
+                              mask.stage_anchor)
 
     def mix_grad(self, grad, mask: MixMask):
         ops = self._load()
         return ops.mix_grad(grad, mask.cols, mask.column_key, mask.keep_threshold, mask.gam,
-                            mask.column_factor, mask.threshold)
+                            mask.column_factor, mask.threshold, mask.device_step,
+                            mask.key_base, mask.update_steps)
 
 
 BACKEND = TritonBackend()

@@ -1,6 +1,6 @@
-"""Fused DPS + AdamW step over many tensors in one launch per dtype group.
+"""Fused DPS + AdamW step over many tensors: one launch per (dtype, kind) group.
 
-Per element (g = grad, w = param, m/v = moments; arithmetic in fp32; see base.StepKind):
+Per element (g = grad, w = param, m/v = moments; arithmetic in fp32; see step_types.StepKind):
 
     PLAIN         AdamW(g)
     DENSE_STAGE1  GAM = (0 if reset else GAM) + g*g;  AdamW(g)
@@ -15,38 +15,53 @@ Per element (g = grad, w = param, m/v = moments; arithmetic in fp32; see base.St
            hf_legacy style: the same with bias2_sqrt = 1 and ``w *= decay`` after the update.
 
 Bytes moved per element (P = bytes of the param dtype, grad in the param dtype):
-    PLAIN / MIX_STAGE2     read w, g, m, v (4P)                  write w, m, v (3P)   = 7P
-    DENSE_STAGE1/MIX_STAGE1  + read and write GAM (8)                                 = 7P + 8
-    DENSE_STAGE2           + read GAM (4)                                              = 7P + 4
-    MIX_STAGE2 + freeze    + read GAM (4) + factor[col] (cached, ~0)                   = 7P + 4
-    fp32: AdamW 28 B, Stage I 36 B, Stage II 32 B (the minimum the issue states). With
-    ``freeze`` the writes of frozen elements are skipped (masked stores), so Stage II
-    with freeze moves 4P + 4 + 3P * (selected fraction).
+    PLAIN / MIX_STAGE2       read w, g, m, v (4P)                write w, m, v (3P)   = 7P
+    DENSE_STAGE1/MIX_STAGE1    + read and write GAM (8)                               = 7P + 8
+    DENSE_STAGE2             + read GAM (4)                                            = 7P + 4
+    MIX_STAGE2 + freeze      + read GAM (4) + factor[col] (a per-column vector, cached) = 7P + 4
+    fp32: AdamW 28 B, Stage I 36 B, Stage II 32 B. ``freeze`` saves no traffic: frozen
+    elements are written back unchanged, because DRAM moves whole 32-byte sectors anyway and
+    a full-width store keeps the accesses 128-bit. Capturable Mix also writes W' once, at the
+    last Stage I step (+P on that step only).
 
-Launch strategy. The kernel reads the addresses of each tensor's buffers from a pointer
-table (int64 ``data_ptr()`` values cast in-kernel with ``.to(tl.pointer_type(...))``), so one
-launch covers every tensor of a param group that shares (param dtype, grad dtype); launches
-per ``step()`` = number of such dtype groups (1 for a usual model), not the number of
-tensors. Programs map to (tensor, block) through a block table built on the host, cached
-by the tensor sizes; the address/metadata tables are cached by the addresses and kinds,
-so a training loop reuses them and new gradient buffers only rebuild 88 bytes per tensor. Only the per-step
-scalars (bias corrections, lr-dependent decay, Mix hash keys, reset flags: 12 words per
-tensor) are uploaded each step, from pinned memory with ``non_blocking=True``: no host
-synchronisation. The pointer table works unchanged in the Triton interpreter, where the
-addresses are real host addresses.
+Kind as a compile-time constant. ``KIND`` (plain / dense / mix) and ``STAGE`` (1, 2, or 0 =
+decided on the device) are ``tl.constexpr``, so a launch carries only its own kind's code:
+no hash or ``offs % cols`` in Dense, no GAM in plain AdamW (fewer registers, more resident
+warps). Launches per ``step()`` = number of (param dtype, grad dtype, kind) groups: one per
+param group for a model built with ``DPSAdamW.from_model``.
 
-Vectorised access. Addresses read from a table carry no alignment information, and a
-mask ``offs < numel`` with ``numel`` read from a table has unknown constancy; either would
-force scalar 32-bit accesses. So the host checks that all element buffers are 16-byte
-aligned (``ALIGNED``, true for allocator-made tensors, false for odd-offset views) and the
-kernel hints it, and programs whose block lies wholly inside the tensor run with an
-all-true mask; only a tensor's last block uses ``offs < numel``.
+Launch strategy. The kernel reads each tensor's buffer addresses from a pointer table
+(int64 ``data_ptr()`` values, cast in-kernel with ``.to(tl.pointer_type(...))``), so one
+launch covers every tensor of a group. Programs map to (tensor, block) through a block
+table built on the host and cached by the tensor sizes; the state address table is cached
+with the optimizer's group and the gradient address table is rebuilt only when a gradient
+address changes (``zero_grad(set_to_none=True)`` usually gets the same addresses back from
+the caching allocator). Per-step values are kernel arguments, never tables: the fp32 AdamW
+scalars, ``t`` and the reset flag (``do_not_specialize``: a step that is a multiple of 16
+must not compile a new variant mid-run), and the Mix key, finished in-kernel as
+``H(key_base ^ t)`` from a static per-tensor ``key_base``.
+
+Capturable (``STAGE = 0``): the step counter of each tensor (0-d fp32, ``state["step"]``)
+and the hyperparameters (fp64 ``[lr, beta1, beta2, eps, weight_decay]``) are read on the
+device; stage, reset, bias corrections (fp64, then rounded to fp32 as the host path
+does), the Mix key and the W' snapshot are derived in-kernel. Every launch then has the
+same arguments, so a CUDA graph of the step replays correctly. ``found_inf`` (GradScaler)
+makes every program return before touching memory; ``grad_scale`` unscales in-kernel
+(``g * fp32(1 / fp64(scale))``, as ``GradScaler.unscale_``).
+
+Vectorised access. Addresses read from a table carry no alignment information, and a mask
+``offs < numel`` with ``numel`` read from a table has unknown constancy; either would force
+scalar accesses. The host checks that all element buffers are 16-byte aligned
+(``ALIGNED``, true for allocator-made tensors, false for odd-offset views) and the kernel
+puts ``tl.multiple_of(ptr, 16)`` on the pointer after the int -> pointer cast (a hint on the
+integer is lost by the cast); programs whose block lies wholly inside the tensor run with
+an all-true mask, only a tensor's last block uses ``offs < numel``. ``bench/aot.py``
+checks the result in the compiled SASS (128-bit loads).
 
 Why ``enable_fp_fusion=False``: GAM must be bit-identical to the reference
 (``GAM + g*g`` rounded twice, as torch does with two ops) because the Stage II mask
 ``GAM >= thr`` is compared exactly across backends; a fused multiply-add would change
 the last bit. ``sqrt_rn``/``div_rn`` give IEEE-rounded results like torch's own kernels.
-The cost is a few extra instructions per element in a memory-bound kernel.
 """
 from __future__ import annotations
 
@@ -55,22 +70,22 @@ import torch
 import triton
 import triton.language as tl
 
-from ...backends.base import StepKind, TensorStep
 from ...backends import interpreter_enabled
-from .keep_mask import column_keep
+from ...step_types import GroupStep, StepKind, TensorStep
+from .keep_mask import column_keep, hash32 as tl_hash32
 from .rounding import round_to
 
-KIND_CODE = {
-    StepKind.PLAIN: 0,
-    StepKind.DENSE_STAGE1: 1,
-    StepKind.DENSE_STAGE2: 2,
-    StepKind.MIX_STAGE1: 3,
-    StepKind.MIX_STAGE2: 4,
-}
-N_ADDR = 8   # param, grad, exp_avg, exp_avg_sq, gam, fam, column_factor, threshold
-N_META = 3   # numel, cols, kind code
-N_DYN = 12   # beta1, 1-beta1, beta2, 1-beta2, eps, decay, step_size, bias2_sqrt (fp32 bits),
-#              decay_after, reset, mix_key (uint32 bits), keep_threshold
+# KIND constexpr codes
+PLAIN, DENSE, MIX = 0, 1, 2
+KIND_CODE = {StepKind.PLAIN: (PLAIN, 1), StepKind.DENSE_STAGE1: (DENSE, 1),
+             StepKind.DENSE_STAGE2: (DENSE, 2), StepKind.MIX_STAGE1: (MIX, 1),
+             StepKind.MIX_STAGE2: (MIX, 2)}   # kind -> (KIND, STAGE)
+MODE_CODE = {"plain": PLAIN, "dense": DENSE, "mix": MIX}
+# Columns of the address table
+ADDR = ("param", "exp_avg", "exp_avg_sq", "gam", "fam", "column_factor", "threshold",
+        "stage_anchor", "device_step")
+N_ADDR = len(ADDR)
+N_META = 3   # numel, cols, key word (uint32 bits: key_base, or the finished key)
 BLOCK = 1024
 TORCH_TO_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -78,135 +93,219 @@ TORCH_TO_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.flo
 @triton.jit
 def _table_ptr(entry_ptr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     """The buffer address stored at ``entry_ptr`` as a pointer to DTYPE."""
-    address = tl.load(entry_ptr)
+    ptr = tl.load(entry_ptr).to(tl.pointer_type(DTYPE))
     if ALIGNED:
-        # The host checked that every address is 16-byte aligned; the hint survives the
-        # int -> pointer cast and lets the loads vectorize.
-        address = tl.multiple_of(address, 16)
-    return address.to(tl.pointer_type(DTYPE))
+        # The host checked that the address is 16-byte aligned. The hint must sit on the
+        # pointer: one on the int64 is dropped by the cast, and the loads stay scalar.
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
 
 
 @triton.jit
+def _pow_int(base, e):
+    """``base ** e`` for an fp64 scalar and an int32 exponent >= 0 (binary powering)."""
+    result = tl.full((), 1.0, tl.float64)
+    for _ in range(31):
+        result = tl.where((e & 1) != 0, result * base, result)
+        base = base * base
+        e = e >> 1
+    return result
+
+
+@triton.jit
+def _device_schedule(t, update_steps):
+    """(stage one?, first step of the stage?, last step of Stage I?) of 1-based step t."""
+    cycle = (t + update_steps - 1) // update_steps
+    stage_one = (cycle % 2) == 1
+    reset = stage_one & (((t - 1) % update_steps) == 0)
+    due = stage_one & ((t % update_steps) == 0)
+    return stage_one, reset, due
+
+
+@triton.jit(do_not_specialize=["t", "reset", "keep_threshold", "update_steps"])
 def _dps_step_kernel(
-    addr_ptr,          # int64 [T, 8]: buffer addresses per tensor (see N_ADDR)
-    meta_ptr,          # int64 [T, 3]: numel, cols, kind code per tensor
-    dyn_ptr,           # int32 [T, 12]: per-step scalars per tensor (see N_DYN)
+    addr_ptr,          # int64 [T, N_ADDR]: state buffer addresses per tensor (see ADDR)
+    grad_addr_ptr,     # int64 [T]: gradient addresses
+    meta_ptr,          # int32 [T, N_META]: numel, cols, key word
     block_tensor_ptr,  # int32 [G]: the tensor program ``pid`` works on
     block_start_ptr,   # int32 [G]: the first flat element of program ``pid`` in its tensor
+    beta1, one_minus_beta1, beta2, one_minus_beta2,  # fp32 host scalars (STAGE != 0)
+    eps, decay, step_size, bias2_sqrt,               # fp32 host scalars (STAGE != 0)
+    t,                 # host step, 1-based (STAGE != 0; the Mix key)
+    reset,             # host flag: first step of Stage I (STAGE != 0)
+    keep_threshold,    # Mix keep threshold (mask_hash.keep_threshold)
+    hyper_ptr,         # fp64 [5]: lr, beta1, beta2, eps, weight_decay (STAGE == 0)
+    update_steps,      # stage length (STAGE == 0)
+    scale_ptr,         # fp32 0-d GradScaler scale (HAS_SCALE)
+    found_inf_ptr,     # fp32 0-d GradScaler found_inf (HAS_FOUND_INF)
     PARAM_DTYPE: tl.constexpr,  # dtype of param, exp_avg, exp_avg_sq
     GRAD_DTYPE: tl.constexpr,   # dtype of grad
+    KIND: tl.constexpr,         # PLAIN, DENSE or MIX
+    STAGE: tl.constexpr,        # 1, 2, or 0: decided per tensor from its device step
     FREEZE: tl.constexpr,       # frozen elements keep weight and moments
-    ALIGNED: tl.constexpr,      # every address in the table is a multiple of 16 bytes
+    HF_LEGACY: tl.constexpr,    # transformers-4.7 AdamW (decay after the update)
+    DERIVE_KEY: tl.constexpr,   # key word is key_base: the key is H(key_base ^ t)
+    HAS_SCALE: tl.constexpr,    # unscale the gradient by scale_ptr
+    HAS_FOUND_INF: tl.constexpr,  # skip the whole step when found_inf != 0
+    ALIGNED: tl.constexpr,      # every element buffer address is a multiple of 16 bytes
     EMULATE_RNE: tl.constexpr,  # interpreter only: round bf16 to nearest even (rounding.py)
     BLOCK: tl.constexpr,        # elements per program
 ):
+    if HAS_FOUND_INF:
+        if tl.load(found_inf_ptr) != 0:
+            return
     pid = tl.program_id(0)
-    t = tl.load(block_tensor_ptr + pid).to(tl.int64)
+    tensor = tl.load(block_tensor_ptr + pid).to(tl.int64)
     start = tl.multiple_of(tl.load(block_start_ptr + pid), BLOCK)
-    numel = tl.load(meta_ptr + t * 3).to(tl.int32)
-    cols = tl.load(meta_ptr + t * 3 + 1).to(tl.int32)
-    kind = tl.load(meta_ptr + t * 3 + 2).to(tl.int32)
+    numel = tl.load(meta_ptr + tensor * 3)
+    cols = tl.load(meta_ptr + tensor * 3 + 1)
+    key_word = tl.load(meta_ptr + tensor * 3 + 2).to(tl.uint32, bitcast=True)
 
-    a = addr_ptr + t * 8
+    a = addr_ptr + tensor * 9
     w_ptr = _table_ptr(a, PARAM_DTYPE, ALIGNED)
-    g_ptr = _table_ptr(a + 1, GRAD_DTYPE, ALIGNED)
-    m_ptr = _table_ptr(a + 2, PARAM_DTYPE, ALIGNED)
-    v_ptr = _table_ptr(a + 3, PARAM_DTYPE, ALIGNED)
-    gam_ptr = _table_ptr(a + 4, tl.float32, ALIGNED)
-    fam_ptr = _table_ptr(a + 5, tl.float32, False)
-    factor_ptr = _table_ptr(a + 6, tl.float32, False)
-    thr_ptr = _table_ptr(a + 7, tl.float32, False)
-
-    d = dyn_ptr + t * 12
-    beta1 = tl.load(d).to(tl.float32, bitcast=True)
-    one_minus_beta1 = tl.load(d + 1).to(tl.float32, bitcast=True)
-    beta2 = tl.load(d + 2).to(tl.float32, bitcast=True)
-    one_minus_beta2 = tl.load(d + 3).to(tl.float32, bitcast=True)
-    eps = tl.load(d + 4).to(tl.float32, bitcast=True)
-    decay = tl.load(d + 5).to(tl.float32, bitcast=True)
-    step_size = tl.load(d + 6).to(tl.float32, bitcast=True)
-    bias2_sqrt = tl.load(d + 7).to(tl.float32, bitcast=True)   # sqrt(1 - beta2^t) or 1
-    decay_after = tl.load(d + 8)
-    reset = tl.load(d + 9)
-    mix_key = tl.load(d + 10).to(tl.uint32, bitcast=True)
-    keep_threshold = tl.load(d + 11).to(tl.uint32, bitcast=True)
+    g_ptr = _table_ptr(grad_addr_ptr + tensor, GRAD_DTYPE, ALIGNED)
+    m_ptr = _table_ptr(a + 1, PARAM_DTYPE, ALIGNED)
+    v_ptr = _table_ptr(a + 2, PARAM_DTYPE, ALIGNED)
+    gam_ptr = _table_ptr(a + 3, tl.float32, ALIGNED)
+    fam_ptr = _table_ptr(a + 4, tl.float32, False)
+    factor_ptr = _table_ptr(a + 5, tl.float32, False)
+    thr_ptr = _table_ptr(a + 6, tl.float32, False)
+    snap_ptr = _table_ptr(a + 7, PARAM_DTYPE, ALIGNED)
 
     offs = start + tl.arange(0, BLOCK)
     zero = tl.zeros([BLOCK], dtype=tl.int32)
-    if start + BLOCK <= numel:
-        # A whole block: the all-true mask has known constancy, so the loads vectorize;
-        # with ``offs < numel`` (numel read from a table) they could not.
-        _step_block(offs, zero == 0, zero, cols, kind, w_ptr, g_ptr, m_ptr, v_ptr,
-                    gam_ptr, fam_ptr, factor_ptr, thr_ptr, beta1, one_minus_beta1, beta2,
-                    one_minus_beta2, eps, decay, step_size, bias2_sqrt, decay_after, reset,
-                    mix_key, keep_threshold,
-                    PARAM_DTYPE, FREEZE, EMULATE_RNE)
+    if STAGE == 0:
+        # Capturable: everything that depends on the step is derived here, in fp64 as the
+        # host path does (reference.adamw_scalars), then rounded to fp32.
+        step_ptr = _table_ptr(a + 8, tl.float32, False)
+        t_dev = tl.load(step_ptr).to(tl.int32) + 1
+        stage_one, reset_dev, due = _device_schedule(t_dev, update_steps)
+        lr = tl.load(hyper_ptr)
+        b1 = tl.load(hyper_ptr + 1)
+        b2 = tl.load(hyper_ptr + 2)
+        bias1 = 1.0 - _pow_int(b1, t_dev)
+        bias2 = 1.0 - _pow_int(b2, t_dev)
+        if HF_LEGACY:
+            step_size = (lr * tl.sqrt(bias2) / bias1).to(tl.float32)
+            bias2_sqrt = tl.full((), 1.0, tl.float32)
+        else:
+            step_size = (lr / bias1).to(tl.float32)
+            bias2_sqrt = tl.sqrt(bias2).to(tl.float32)  # fp64 sqrt is IEEE (sqrt.rn.f64)
+        beta1 = b1.to(tl.float32)
+        one_minus_beta1 = (1.0 - b1).to(tl.float32)
+        beta2 = b2.to(tl.float32)
+        one_minus_beta2 = (1.0 - b2).to(tl.float32)
+        eps = tl.load(hyper_ptr + 3).to(tl.float32)
+        decay = (1.0 - lr * tl.load(hyper_ptr + 4)).to(tl.float32)
+        t = t_dev
+        # Per-tensor flags are broadcast to the block before use: the interpreter mistypes
+        # (block bool) & (scalar bool) as int32; compiled Triton folds the splat away.
+        s1 = (zero + stage_one.to(tl.int32)) != 0
+        rst = (zero + reset_dev.to(tl.int32)) != 0
+        snap = (zero + due.to(tl.int32)) != 0
     else:
-        _step_block(offs, offs < numel, zero, cols, kind, w_ptr, g_ptr, m_ptr, v_ptr,
-                    gam_ptr, fam_ptr, factor_ptr, thr_ptr, beta1, one_minus_beta1, beta2,
-                    one_minus_beta2, eps, decay, step_size, bias2_sqrt, decay_after, reset,
-                    mix_key, keep_threshold,
-                    PARAM_DTYPE, FREEZE, EMULATE_RNE)
+        if STAGE == 1:
+            s1 = zero == 0
+        else:
+            s1 = zero != 0
+        rst = (zero + reset) != 0
+        snap = zero != 0
+    if DERIVE_KEY:
+        key = tl_hash32(key_word ^ t.to(tl.uint32))
+    else:
+        key = key_word
+    keep_thr = keep_threshold.to(tl.uint32)
+    inv_scale = 1.0
+    if HAS_SCALE:
+        # GradScaler.unscale_ multiplies by fp32(1 / fp64(scale)); so do we.
+        inv_scale = (1.0 / tl.load(scale_ptr).to(tl.float64)).to(tl.float32)
+
+    if start + BLOCK <= numel:
+        # A whole block: the all-true mask has known constancy, so the accesses vectorize.
+        _step_block(offs, zero == 0, s1, rst, snap, cols, key, keep_thr, inv_scale,
+                    w_ptr, g_ptr, m_ptr, v_ptr, gam_ptr, fam_ptr, factor_ptr, thr_ptr,
+                    snap_ptr, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
+                    decay, step_size, bias2_sqrt, PARAM_DTYPE, KIND, STAGE, FREEZE,
+                    HF_LEGACY, HAS_SCALE, EMULATE_RNE)
+    else:
+        _step_block(offs, offs < numel, s1, rst, snap, cols, key, keep_thr, inv_scale,
+                    w_ptr, g_ptr, m_ptr, v_ptr, gam_ptr, fam_ptr, factor_ptr, thr_ptr,
+                    snap_ptr, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
+                    decay, step_size, bias2_sqrt, PARAM_DTYPE, KIND, STAGE, FREEZE,
+                    HF_LEGACY, HAS_SCALE, EMULATE_RNE)
 
 
 @triton.jit
-def _step_block(offs, inb, zero, cols, kind_code, w_ptr, g_ptr, m_ptr, v_ptr, gam_ptr,
-                fam_ptr, factor_ptr, thr_ptr, beta1, one_minus_beta1, beta2, one_minus_beta2,
-                eps, decay, step_size, bias2_sqrt, decay_after_flag, reset_flag, mix_key,
-                keep_threshold, PARAM_DTYPE: tl.constexpr, FREEZE: tl.constexpr,
-                EMULATE_RNE: tl.constexpr):
-    """The step of the elements ``offs`` (``inb``: in bounds) of one tensor."""
-    # Per-tensor flags are broadcast to the block before use: the interpreter mistypes
-    # (block bool) & (scalar bool) as int32, compiled Triton folds the splat away.
-    kind = zero + kind_code
-    decay_after = (zero + decay_after_flag) != 0
-    reset = (zero + reset_flag) != 0
-    dense1 = kind == 1
-    dense2 = kind == 2
-    mix1 = kind == 3
-    mix2 = kind == 4
-    accumulate = dense1 | mix1
-    if FREEZE:
-        thresholded = dense2 | mix2   # Stage II masks are needed only to freeze Mix
-    else:
-        thresholded = dense2
-    col = offs % cols
+def _step_block(offs, inb, s1, reset, snap, cols, key, keep_threshold, inv_scale,
+                w_ptr, g_ptr, m_ptr, v_ptr, gam_ptr, fam_ptr, factor_ptr, thr_ptr, snap_ptr,
+                beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay, step_size,
+                bias2_sqrt, PARAM_DTYPE: tl.constexpr, KIND: tl.constexpr,
+                STAGE: tl.constexpr, FREEZE: tl.constexpr, HF_LEGACY: tl.constexpr,
+                HAS_SCALE: tl.constexpr, EMULATE_RNE: tl.constexpr):
+    """The step of the elements ``offs`` (``inb``: in bounds) of one tensor.
 
+    ``s1`` (Stage I), ``reset`` and ``snap`` (write W') are block-wide flags: constants
+    the compiler folds when STAGE is 1 or 2, per-tensor values when STAGE is 0."""
     w0 = tl.load(w_ptr + offs, mask=inb, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    m = tl.load(m_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    # Masked-off loads touch no memory, so absent buffers (a dummy address) cost nothing.
-    gam = tl.load(gam_ptr + offs, mask=inb & (accumulate | thresholded), other=0.0)
+    m0 = tl.load(m_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    v0 = tl.load(v_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        g = g * inv_scale
+    update = inb
+    if KIND != 0:
+        s2 = ~s1
+        if KIND == 1:
+            gam = tl.load(gam_ptr + offs, mask=inb, other=0.0)
+        elif FREEZE:
+            gam = tl.load(gam_ptr + offs, mask=inb, other=0.0)
+        else:   # Mix Stage II without freeze needs no GAM: read it in Stage I only
+            gam = tl.load(gam_ptr + offs, mask=inb & s1, other=0.0)
+        # Stage I: Fisher accumulation.
+        tl.store(gam_ptr + offs, tl.where(reset, 0.0, gam) + g * g, mask=inb & s1)
+        thr = tl.load(thr_ptr)
+        if KIND == 1:
+            # Stage II: the subnetwork mask, derived on the fly from GAM (never stored).
+            selected = s2 & (gam >= thr)
+            if FREEZE:
+                update = s1 | selected
+            else:
+                # Gradient masking, as ``grad * M`` in the reference (NaN/inf alike).
+                g = tl.where(s2, g * selected.to(tl.float32), g)
+        else:
+            col = offs % cols
+            keep = column_keep(key, col, keep_threshold)
+            # FAM counts each column once: the elements of row 0 write it.
+            row0 = inb & s1 & (offs < cols)
+            fam = tl.load(fam_ptr + col, mask=row0, other=0.0)
+            tl.store(fam_ptr + col, tl.where(reset, 0.0, fam) + keep.to(tl.float32),
+                     mask=row0)
+            if FREEZE:
+                factor = tl.load(factor_ptr + col, mask=inb & s2, other=0.0)
+                update = tl.where(s1, keep, gam * factor >= thr)
 
-    # Stage I: Fisher accumulation, and per-column keep counts for Mix.
-    gam_new = tl.where(reset, 0.0, gam) + g * g
-    tl.store(gam_ptr + offs, gam_new, mask=inb & accumulate)
-    keep = column_keep(mix_key, col, keep_threshold)
-    row0 = inb & mix1 & (offs < cols)
-    fam = tl.load(fam_ptr + col, mask=row0, other=0.0)
-    tl.store(fam_ptr + col, tl.where(reset, 0.0, fam) + keep.to(tl.float32), mask=row0)
-
-    # Stage II: the subnetwork mask, derived on the fly from GAM (never stored).
-    thr = tl.load(thr_ptr + zero, mask=thresholded, other=0.0)
-    factor = tl.load(factor_ptr + col, mask=inb & mix2 & thresholded, other=0.0)
-    selected = tl.where(mix2, gam * factor, gam) >= thr
-    if FREEZE:
-        update = inb & tl.where(thresholded, selected, tl.where(mix1, keep, True))
-    else:
-        # Gradient masking, as ``grad * M`` in the reference (NaN/inf behave the same).
-        g = tl.where(dense2, g * selected.to(tl.float32), g)
-        update = inb
-
-    w = tl.where(decay_after, w0, w0 * decay)
-    m = beta1 * m + one_minus_beta1 * g
-    v = beta2 * v + one_minus_beta2 * g * g
+    w = w0
+    if not HF_LEGACY:
+        w = w * decay
+    m = beta1 * m0 + one_minus_beta1 * g
+    v = beta2 * v0 + one_minus_beta2 * g * g
     denom = tl.div_rn(tl.sqrt_rn(v), bias2_sqrt) + eps
     w = w - tl.div_rn(step_size * m, denom)
-    w = tl.where(decay_after, w * decay, w)
-    tl.store(w_ptr + offs, round_to(w, PARAM_DTYPE, EMULATE_RNE), mask=update)
-    tl.store(m_ptr + offs, round_to(m, PARAM_DTYPE, EMULATE_RNE), mask=update)
-    tl.store(v_ptr + offs, round_to(v, PARAM_DTYPE, EMULATE_RNE), mask=update)
+    if HF_LEGACY:
+        w = w * decay
+    if FREEZE:
+        # Frozen elements are written back unchanged (full-width stores, see docstring).
+        w = tl.where(update, w, w0)
+        m = tl.where(update, m, m0)
+        v = tl.where(update, v, v0)
+    w_out = round_to(w, PARAM_DTYPE, EMULATE_RNE)
+    tl.store(w_ptr + offs, w_out, mask=inb)
+    tl.store(m_ptr + offs, round_to(m, PARAM_DTYPE, EMULATE_RNE), mask=inb)
+    tl.store(v_ptr + offs, round_to(v, PARAM_DTYPE, EMULATE_RNE), mask=inb)
+    if KIND == 2:
+        if STAGE == 0:
+            # Capturable Mix: W' = W after the last Stage I step, written here.
+            tl.store(snap_ptr + offs, w_out, mask=inb & snap)
 
 
 class _Layout:
@@ -220,40 +319,55 @@ class _Layout:
         counts = [triton.cdiv(n, BLOCK) for n in numels]
         block_tensor = np.repeat(np.arange(len(numels), dtype=np.int32), counts)
         block_start = np.concatenate([np.arange(c, dtype=np.int32) * BLOCK for c in counts])
-        self.block_tensor = _to_device(block_tensor, device)
-        self.block_start = _to_device(block_start, device)
+        self.block_tensor = to_device(block_tensor, device)
+        self.block_start = to_device(block_start, device)
         self.grid = (int(block_tensor.size),)
 
 
 class _Plan:
-    """Address and metadata tables of one list of tensors (88 bytes per tensor).
+    """Static tables of one list of tensors: state addresses, sizes, key words, layout.
 
-    Cached by the tensors' addresses; no reference to the tensors is kept (a plan is only
-    used when the current tensors have exactly its addresses), so gradients set to None
-    between steps are freed as usual.
+    Kept as long as the tensors do not change (in the optimizer's group cache, or in the
+    small LRU of :class:`FusedStep` for the per-task API). Only addresses are kept, never
+    tensors, so gradients set to None between steps are freed as usual.
     """
 
-    def __init__(self, tasks: list[TensorStep], layout: _Layout, device: torch.device,
-                 dummy: torch.Tensor):
-        addr = np.zeros((len(tasks), N_ADDR), dtype=np.int64)
-        meta = np.zeros((len(tasks), N_META), dtype=np.int64)
+    def __init__(self, entries, key_words, device, dummy, layout):
+        addr = np.zeros((len(entries), N_ADDR), dtype=np.int64)
+        meta = np.zeros((len(entries), N_META), dtype=np.int64)
         dummy_addr = dummy.data_ptr()
-        for i, task in enumerate(tasks):
-            opt = [task.gam, task.fam, task.column_factor, task.threshold]
-            addr[i] = [task.param.data_ptr(), task.grad.data_ptr(), task.exp_avg.data_ptr(),
-                       task.exp_avg_sq.data_ptr()] + [
-                           dummy_addr if x is None else x.data_ptr() for x in opt]
-            meta[i] = [task.param.numel(), task.cols, KIND_CODE[task.kind]]
-        self.addr = _to_device(addr, device)
-        self.meta = _to_device(meta, device)
+        for i, e in enumerate(entries):
+            addr[i] = [dummy_addr if getattr(e, name) is None else getattr(e, name).data_ptr()
+                       for name in ADDR]
+            meta[i] = [e.param.numel(), e.cols, key_words[i] & 0xFFFFFFFF]
+        self.addr = to_device(addr, device)
+        self.meta = to_device(meta.astype(np.uint32).view(np.int32), device)
         self.layout = layout
-        self.block_tensor, self.block_start = layout.block_tensor, layout.block_start
-        self.grid = layout.grid
         # 16-byte aligned element buffers (the allocator's usual case; views may not be)
-        self.aligned = bool((addr[:, :5] % 16 == 0).all())
+        self.state_aligned = bool((addr[:, [0, 1, 2, 3, 7]] % 16 == 0).all())
+        self.grad_ptrs: list = []
+        self.grad_table = None
+        self.grad_aligned = True
+
+    @property
+    def aligned(self) -> bool:
+        """Every element buffer (state and the current gradients) is 16-byte aligned."""
+        return self.state_aligned and self.grad_aligned
+
+    def grad_table_for(self, grads, entries, device) -> torch.Tensor:
+        """The gradient address table, rebuilt (and the gradients checked) only when an
+        address changed since the last step."""
+        ptrs = list(map(torch.Tensor.data_ptr, grads))
+        if ptrs != self.grad_ptrs:
+            for entry, grad in zip(entries, grads):
+                _check_grad(entry, grad, device)
+            self.grad_table = to_device(np.array(ptrs, dtype=np.int64), device)
+            self.grad_aligned = all(p % 16 == 0 for p in ptrs)
+            self.grad_ptrs = ptrs
+        return self.grad_table
 
 
-def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     """Host array -> device tensor without a host sync (pinned staging on CUDA)."""
     host = torch.from_numpy(np.ascontiguousarray(array))
     if device.type == "cpu":
@@ -261,33 +375,50 @@ def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return host.pin_memory().to(device, non_blocking=True)
 
 
-def _check(task: TensorStep, device: torch.device) -> None:
-    p = task.param
-    name = f"{task.kind.value} tensor of shape {tuple(p.shape)}"
-    for label, x in (("grad", task.grad), ("exp_avg", task.exp_avg),
-                     ("exp_avg_sq", task.exp_avg_sq)):
+def _name(entry, kind: str) -> str:
+    return f"{kind} tensor #{entry.index} of shape {tuple(entry.param.shape)}"
+
+
+def _check_grad(entry, grad, device) -> None:
+    p = entry.param
+    if grad.shape != p.shape or not grad.is_contiguous() or grad.device != device:
+        raise ValueError(f"{_name(entry, 'step')}: grad must be contiguous, on {device}, "
+                         f"shaped like the param")
+
+
+def _check_entry(entry, mode: str, capturable: bool, device, stage: int = 0) -> None:
+    p = entry.param
+    name = _name(entry, mode)
+    for label, x in (("exp_avg", entry.exp_avg), ("exp_avg_sq", entry.exp_avg_sq)):
         if x.shape != p.shape or not x.is_contiguous() or x.device != device:
             raise ValueError(f"{name}: {label} must be contiguous, on {device}, shaped like "
                              f"the param")
-    if task.exp_avg.dtype != p.dtype or task.exp_avg_sq.dtype != p.dtype:
-        raise ValueError(f"{name}: moments must have the param dtype {p.dtype}")
-    if p.numel() >= 2**31 - BLOCK:
-        raise ValueError(f"{name}: tensors of 2**31 or more elements are not supported")
-    if task.cols < 1 or p.numel() % task.cols:
-        raise ValueError(f"{name}: cols={task.cols} must divide numel={p.numel()}")
-    needs = {StepKind.DENSE_STAGE1: ("gam",), StepKind.DENSE_STAGE2: ("gam", "threshold"),
-             StepKind.MIX_STAGE1: ("gam", "fam"),
-             StepKind.MIX_STAGE2: ("gam", "column_factor", "threshold")}.get(task.kind, ())
+        if x.dtype != p.dtype:
+            raise ValueError(f"{name}: moments must have the param dtype {p.dtype}")
+    from ...step_types import MAX_TENSOR_ELEMENTS
+    if p.numel() > MAX_TENSOR_ELEMENTS:
+        raise ValueError(f"{name}: more than {MAX_TENSOR_ELEMENTS} elements")
+    if entry.cols < 1 or p.numel() % entry.cols:
+        raise ValueError(f"{name}: cols={entry.cols} must divide numel={p.numel()}")
+    needs = {"dense": ("gam",), "mix": ("gam", "fam"), "plain": ()}[mode]
+    if mode != "plain" and stage != 1:     # Stage II (or decided on the device)
+        needs += ("threshold",) + (("column_factor",) if mode == "mix" else ())
     for label in needs:
-        x = getattr(task, label)
+        x = getattr(entry, label)
         if x is None or x.dtype != torch.float32 or not x.is_contiguous() or x.device != device:
             raise ValueError(f"{name}: {label} must be a contiguous fp32 tensor on {device}")
+    if capturable:
+        if entry.device_step is None or entry.device_step.device != device:
+            raise ValueError(f"{name}: capturable needs a step tensor on {device}")
+        if mode == "mix" and (entry.stage_anchor is None or entry.stage_anchor.dtype != p.dtype
+                              or not entry.stage_anchor.is_contiguous()):
+            raise ValueError(f"{name}: capturable Mix needs a contiguous stage_anchor")
 
 
 class FusedStep:
-    """Callable ``(tasks, freeze)``: one kernel launch per (param dtype, grad dtype) group."""
+    """The fused step: ``group(g)`` for a :class:`GroupStep`, ``(tasks, freeze)`` per task."""
 
-    MAX_PLANS = 16  # a few param groups x stage kinds; old plans are dropped first
+    MAX_PLANS = 16  # per-task API: a few param groups x stage kinds; oldest dropped first
 
     def __init__(self):
         self._plans: dict = {}
@@ -299,53 +430,119 @@ class FusedStep:
             self._dummies[device] = torch.zeros(1, dtype=torch.float32, device=device)
         return self._dummies[device]
 
+    def _layout(self, entries, device) -> _Layout:
+        numels = (device,) + tuple(e.param.numel() for e in entries)
+        layout = self._layouts.pop(numels, None) or _Layout(numels[1:], device)
+        if len(self._layouts) >= self.MAX_PLANS:
+            self._layouts.pop(next(iter(self._layouts)))
+        self._layouts[numels] = layout
+        return layout
+
+    # ------------------------------------------------------------------ group API
+    def group(self, gs: GroupStep) -> None:
+        """One step of every tensor of ``gs`` (all on one device, one param dtype)."""
+        entries = [e for e in gs.entries if e.param.numel()]
+        if len(entries) != len(gs.entries):
+            keep = [i for i, e in enumerate(gs.entries) if e.param.numel()]
+            grads = [gs.grads[i] for i in keep]
+            cache = None
+        else:
+            grads, cache = gs.grads, gs.cache
+        if not entries:
+            return
+        device = entries[0].param.device
+        plan = None if cache is None else cache.get("triton_plan")
+        if plan is None:
+            for e in entries:
+                _check_entry(e, gs.mode, gs.capturable, device,
+                             0 if gs.capturable else gs.stage)
+                if e.param.device != device or e.param.dtype != entries[0].param.dtype:
+                    raise ValueError(f"{_name(e, gs.mode)}: a group must share one device "
+                                     f"and dtype")
+            plan = _Plan(entries, [e.key_base for e in entries], device, self._dummy(device),
+                         self._layout(entries, device))
+            if cache is not None:
+                cache["triton_plan"] = plan
+        grad_table = plan.grad_table_for(grads, entries, device)
+        kind = MODE_CODE[gs.mode]
+        dummy = self._dummy(device)
+        if gs.capturable:
+            scalars = (0.0,) * 8
+            t, reset, stage = 0, 0, 0
+        else:
+            s = gs.scalars
+            scalars = (s.beta1, 1.0 - s.beta1, s.beta2, 1.0 - s.beta2, s.eps, s.decay,
+                       s.step_size, s.bias2_sqrt)
+            t, reset, stage = gs.t, int(gs.reset), gs.stage
+        self._launch(plan, grad_table, scalars, t, reset, gs.keep_threshold,
+                     gs.hyper if gs.capturable else dummy, gs.update_steps,
+                     gs.grad_scale, gs.found_inf if gs.capturable else None, dummy,
+                     entries[0].param.dtype, grads[0].dtype, kind, stage, gs.freeze,
+                     gs.adamw_style == "hf_legacy", True, plan.aligned)
+
+    @staticmethod
+    def _launch(plan, grad_table, scalars, t, reset, keep_threshold, hyper, update_steps,
+                grad_scale, found_inf, dummy, pdtype, gdtype, kind, stage, freeze, hf_legacy,
+                derive_key, aligned):
+        _dps_step_kernel[plan.layout.grid](
+            plan.addr, grad_table, plan.meta, plan.layout.block_tensor, plan.layout.block_start,
+            *scalars, t, reset, keep_threshold, hyper, update_steps,
+            dummy if grad_scale is None else grad_scale,
+            dummy if found_inf is None else found_inf,
+            PARAM_DTYPE=TORCH_TO_TL[pdtype], GRAD_DTYPE=TORCH_TO_TL[gdtype], KIND=kind,
+            STAGE=stage, FREEZE=bool(freeze), HF_LEGACY=hf_legacy, DERIVE_KEY=derive_key,
+            HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
+            ALIGNED=aligned, EMULATE_RNE=interpreter_enabled(), BLOCK=BLOCK,
+            num_warps=8 if pdtype == torch.float32 else 4, enable_fp_fusion=False)
+
+    # ------------------------------------------------------------------ per-task API
     def __call__(self, tasks: list[TensorStep], freeze: bool) -> None:
+        """Host-scheduled step of per-tensor tasks (tests, benchmarks): one launch per
+        (device, dtypes, kind, scalars, reset) group; the Mix key is taken as given."""
         groups: dict = {}
         for task in tasks:
             if task.param.numel() == 0:
                 continue
-            key = (task.param.device, task.param.dtype, task.grad.dtype)
+            key = (task.param.device, task.param.dtype, task.grad.dtype, task.kind,
+                   task.scalars, bool(task.reset), task.keep_threshold)
             groups.setdefault(key, []).append(task)
-        for (device, pdtype, gdtype), group in groups.items():
-            plan = self._plan(group, device, freeze)
-            dyn = _to_device(_dynamic_table(group), device)
-            _dps_step_kernel[plan.grid](
-                plan.addr, plan.meta, dyn, plan.block_tensor, plan.block_start,
-                PARAM_DTYPE=TORCH_TO_TL[pdtype], GRAD_DTYPE=TORCH_TO_TL[gdtype],
-                FREEZE=bool(freeze), ALIGNED=plan.aligned, EMULATE_RNE=interpreter_enabled(),
-                BLOCK=BLOCK, num_warps=4, enable_fp_fusion=False)
-
-    def _plan(self, group: list[TensorStep], device: torch.device, freeze: bool) -> _Plan:
-        key = (device, bool(freeze)) + tuple(
-            (KIND_CODE[t.kind], t.cols, t.param.numel(), t.param.data_ptr(), t.grad.data_ptr(),
-             t.exp_avg.data_ptr(), t.exp_avg_sq.data_ptr(),
-             *(0 if x is None else x.data_ptr()
-               for x in (t.gam, t.fam, t.column_factor, t.threshold)))
-            for t in group)
-        plan = self._plans.pop(key, None)
-        if plan is None:
-            for task in group:
-                _check(task, device)
-            numels = (device,) + tuple(t.param.numel() for t in group)
-            layout = self._layouts.pop(numels, None) or _Layout(numels[1:], device)
-            if len(self._layouts) >= self.MAX_PLANS:
-                self._layouts.pop(next(iter(self._layouts)))
-            self._layouts[numels] = layout
-            plan = _Plan(group, layout, device, self._dummy(device))
-            if len(self._plans) >= self.MAX_PLANS:
-                self._plans.pop(next(iter(self._plans)))
-        self._plans[key] = plan  # most recently used last
-        return plan
+        for (device, pdtype, gdtype, kind, scalars, reset, keep_thr), group in groups.items():
+            entries = [_TaskEntry(task, i) for i, task in enumerate(group)]
+            plan_key = (device, kind) + tuple(
+                (t.cols, t.param.numel(), t.mix_key, *(0 if x is None else x.data_ptr() for x in
+                 (t.param, t.exp_avg, t.exp_avg_sq, t.gam, t.fam, t.column_factor,
+                  t.threshold)))
+                for t in group)
+            plan = self._plans.pop(plan_key, None)
+            if plan is None:
+                code, _ = KIND_CODE[kind]
+                mode = {PLAIN: "plain", DENSE: "dense", MIX: "mix"}[code]
+                for e in entries:
+                    _check_entry(e, mode, False, device, KIND_CODE[kind][1])
+                plan = _Plan(entries, [t.mix_key for t in group], device, self._dummy(device),
+                             self._layout(entries, device))
+                if len(self._plans) >= self.MAX_PLANS:
+                    self._plans.pop(next(iter(self._plans)))
+            self._plans[plan_key] = plan  # most recently used last
+            grads = [t.grad for t in group]
+            grad_table = plan.grad_table_for(grads, entries, device)
+            code, stage = KIND_CODE[kind]
+            s = scalars
+            self._launch(plan, grad_table,
+                         (s.beta1, 1.0 - s.beta1, s.beta2, 1.0 - s.beta2, s.eps, s.decay,
+                          s.step_size, s.bias2_sqrt), 0, int(reset), keep_thr,
+                         self._dummy(device), 1, None, None, self._dummy(device), pdtype,
+                         gdtype, code, stage, freeze, s.decay_after, False, plan.aligned)
 
 
-def _dynamic_table(group: list[TensorStep]) -> np.ndarray:
-    """The per-step words of each tensor: fp32 bit patterns of the AdamW scalars, flags, keys."""
-    floats = np.array([(s.beta1, 1.0 - s.beta1, s.beta2, 1.0 - s.beta2, s.eps, s.decay,
-                        s.step_size, s.bias2_sqrt)
-                       for s in (t.scalars for t in group)], dtype=np.float32).reshape(-1, 8)
-    ints = np.array([(int(t.scalars.decay_after), int(t.reset), t.mix_key & 0xFFFFFFFF,
-                      t.keep_threshold) for t in group], dtype=np.int64).reshape(-1, 4)
-    table = np.empty((len(group), N_DYN), dtype=np.int32)
-    table[:, :8] = floats.view(np.int32)
-    table[:, 8:] = ints.astype(np.uint32).view(np.int32)
-    return table
+class _TaskEntry:
+    """A :class:`TensorStep` seen as a table entry (the per-task API)."""
+
+    def __init__(self, task: TensorStep, index: int):
+        self.param, self.exp_avg, self.exp_avg_sq = task.param, task.exp_avg, task.exp_avg_sq
+        self.gam, self.fam, self.column_factor = task.gam, task.fam, task.column_factor
+        self.threshold, self.cols, self.index = task.threshold, task.cols, index
+        self.stage_anchor = self.device_step = None
+        self.key_base = task.mix_key
+
+

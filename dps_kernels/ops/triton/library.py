@@ -5,9 +5,12 @@ implementation: it only allocates and launches through ``wrap_triton``, so it tr
 fake tensors), on first use of the backend, never at ``import dps_kernels``:
 
     dps_kernels::triton_mix_weight(weight, anchor, cols, column_key?, keep_threshold,
-                                   gam?, column_factor?, threshold?, p, out_dtype?) -> Tensor
+                                   gam?, column_factor?, threshold?, p, out_dtype?,
+                                   device_step?, key_base, update_steps, stage_anchor?)
     dps_kernels::triton_mix_grad(grad, cols, column_key?, keep_threshold, gam?,
-                                 column_factor?, threshold?) -> Tensor
+                                 column_factor?, threshold?, device_step?, key_base,
+                                 update_steps) -> Tensor
+(``device_step`` and what follows it: the capturable Mix mask, see ops/triton/mix.py)
     dps_kernels::triton_select_threshold(gam, column_factor?, k, approx) -> Tensor (0-d fp32)
 
 The optimizer step (``fused_step``) is not an op: it mutates a variable list of tensors
@@ -47,17 +50,23 @@ def register() -> SimpleNamespace:
                           column_key: Optional[int], keep_threshold: int,
                           gam: Optional[torch.Tensor], column_factor: Optional[torch.Tensor],
                           threshold: Optional[torch.Tensor], p: float,
-                          out_dtype: Optional[torch.dtype]) -> torch.Tensor:
+                          out_dtype: Optional[torch.dtype],
+                          device_step: Optional[torch.Tensor] = None, key_base: int = 0,
+                          update_steps: int = 1,
+                          stage_anchor: Optional[torch.Tensor] = None) -> torch.Tensor:
         return mix.mix_weight(weight, anchor, cols, column_key, keep_threshold, gam,
-                              column_factor, threshold, p, out_dtype, launch=_wrap)
+                              column_factor, threshold, p, out_dtype, device_step, key_base,
+                              update_steps, stage_anchor, launch=_wrap)
 
     @triton_op("dps_kernels::triton_mix_grad", mutates_args=())
     def triton_mix_grad(grad: torch.Tensor, cols: int, column_key: Optional[int],
                         keep_threshold: int, gam: Optional[torch.Tensor],
                         column_factor: Optional[torch.Tensor],
-                        threshold: Optional[torch.Tensor]) -> torch.Tensor:
+                        threshold: Optional[torch.Tensor],
+                        device_step: Optional[torch.Tensor] = None, key_base: int = 0,
+                        update_steps: int = 1) -> torch.Tensor:
         return mix.mix_grad(grad, cols, column_key, keep_threshold, gam, column_factor,
-                            threshold, launch=_wrap)
+                            threshold, device_step, key_base, update_steps, launch=_wrap)
 
     @triton_op("dps_kernels::triton_select_threshold", mutates_args=())
     def triton_select_threshold(gam: torch.Tensor, column_factor: Optional[torch.Tensor],

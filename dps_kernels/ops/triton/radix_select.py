@@ -42,6 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ...step_types import MAX_TENSOR_ELEMENTS
+
 PASSES = ((20, 4096), (10, 1024), (0, 1024))   # (shift, bins) of each pass
 WORKSPACE = 2 + sum(bins for _, bins in PASSES)  # [prefix, remaining k, histograms...]
 BLOCK = 1024
@@ -116,17 +118,25 @@ def _radix_hist_kernel(
     prefix = tl.load(work_ptr).to(tl.uint32, bitcast=True)
     hist = tl.zeros([NUM_BINS], dtype=tl.int32)
     skipped = tl.full((), 0, tl.int32)
+    all_in = tl.zeros([BLOCK], dtype=tl.int32) == 0
     for i in range(tiles):
-        offs = (pid * tiles + i) * BLOCK + tl.arange(0, BLOCK)
-        inb = offs < n
-        key = _score_key(gam_ptr, factor_ptr, offs, inb, cols, HAS_FACTOR)
-        counts, missed = _digit_counts(key, inb, prefix, SHIFT, NUM_BINS, HIGH, FIRST)
+        start = tl.multiple_of((pid * tiles + i) * BLOCK, BLOCK)
+        offs = start + tl.arange(0, BLOCK)
+        if start + BLOCK <= n:
+            # a whole tile: all-true mask of known constancy, so the loads vectorize
+            counts, missed = _digit_counts(
+                _score_key(gam_ptr, factor_ptr, offs, all_in, cols, HAS_FACTOR),
+                all_in, prefix, SHIFT, NUM_BINS, HIGH, FIRST)
+        else:
+            counts, missed = _digit_counts(
+                _score_key(gam_ptr, factor_ptr, offs, offs < n, cols, HAS_FACTOR),
+                offs < n, prefix, SHIFT, NUM_BINS, HIGH, FIRST)
         hist += counts
         skipped += missed
     _flush_histogram(work_ptr + HIST_OFFSET, hist, skipped, NUM_BINS)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["k"])
 def _radix_pick_kernel(
     work_ptr,    # int32 workspace: [prefix, remaining k, histograms of every pass]
     out_ptr,     # fp32 0-d: the threshold (written by the last pass, or by pass 1 if approx)
@@ -160,8 +170,11 @@ def _radix_pick_kernel(
 def _programs(n: int, device: torch.device) -> int:
     blocks = triton.cdiv(n, BLOCK)
     if device.type == "cuda":
-        # A few programs per SM: enough to fill the GPU, few global atomics per bin.
-        return min(blocks, 4 * torch.cuda.get_device_properties(device).multi_processor_count)
+        # A few programs per SM: enough to fill the GPU, few global atomics per bin. At
+        # most 1024 programs, so the last program's tiles end less than 1024 * BLOCK (2**20,
+        # the margin of MAX_TENSOR_ELEMENTS) past n: int32 offsets cannot overflow.
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return min(blocks, 4 * sms, 1024)
     return min(blocks, 4)
 
 
@@ -172,8 +185,9 @@ def _check_selection(gam: torch.Tensor, column_factor: Optional[torch.Tensor], k
     n = gam.numel()
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
-    if n >= 2**31 - 16 * BLOCK:
-        raise ValueError(f"selection over 2**31 or more elements is not supported (n={n})")
+    if n > MAX_TENSOR_ELEMENTS:
+        raise ValueError(f"selection over more than {MAX_TENSOR_ELEMENTS} elements is not "
+                         f"supported (n={n})")
     if column_factor is not None:
         cols = column_factor.numel()
         if (column_factor.dtype != torch.float32 or not column_factor.is_contiguous()
@@ -222,121 +236,261 @@ def select_threshold(gam: torch.Tensor, column_factor: Optional[torch.Tensor], k
 # per-tensor launch overhead would otherwise exceed the kernels' own time. Buffers are
 # reached through a pointer table (as in fused_step.py), so this path is not a
 # torch.library op; the single-tensor ``select_threshold`` above is.
+#
+# Capturable (``CapturableSelection``): the tables and the workspace are built once and the
+# same launches run at every step; each program reads its tensor's step counter and
+# returns at once unless the tensor has just closed Stage I (or GradScaler found an inf),
+# and the last pick zeroes its workspace row again for the next stage boundary.
 
 @triton.jit
+def _selection_due(step_addr_ptr, t, update_steps, found_inf_ptr, CAPTURABLE: tl.constexpr,
+                   HAS_FOUND_INF: tl.constexpr):
+    """Capturable: True when tensor ``t`` has just taken the last step of a Stage I."""
+    if CAPTURABLE:
+        step = tl.load(tl.load(step_addr_ptr + t).to(tl.pointer_type(tl.float32)))
+        s = step.to(tl.int32) + 1      # the step the fused step kernel has just taken
+        due = (((s + update_steps - 1) // update_steps) % 2 == 1) & (s % update_steps == 0)
+        if HAS_FOUND_INF:
+            due = due & (tl.load(found_inf_ptr) == 0)
+    else:
+        due = True
+    return due
+
+
+@triton.jit(do_not_specialize=["update_steps"])
 def _multi_hist_kernel(
     addr_ptr,       # int64 [T, 2]: addresses of GAM and of the column factor (or GAM)
-    meta_ptr,       # int32 [T, 3]: numel, cols, has_factor per tensor
+    meta_ptr,       # int32 [T, 2]: numel, cols per tensor
     chunk_ptr,      # int32 [C, 2]: tensor index and first element of each program's chunk
     work_ptr,       # int32 [T, WORK_STRIDE]: per tensor [prefix, remaining k, histograms]
+    step_addr_ptr,  # int64 [T]: addresses of the 0-d fp32 step counters (CAPTURABLE)
+    update_steps,   # stage length (CAPTURABLE)
+    found_inf_ptr,  # fp32 0-d GradScaler found_inf (HAS_FOUND_INF)
     WORK_STRIDE: tl.constexpr,
     HIST_OFFSET: tl.constexpr,
     SHIFT: tl.constexpr,
     NUM_BINS: tl.constexpr,
     HIGH: tl.constexpr,
     FIRST: tl.constexpr,
+    HAS_FACTOR: tl.constexpr,   # Mix scores (GAM * factor[col]); Dense reads GAM only
+    CAPTURABLE: tl.constexpr,   # exit unless the tensor has just closed Stage I
+    HAS_FOUND_INF: tl.constexpr,
+    ALIGNED: tl.constexpr,      # every GAM address is a multiple of 16 bytes
     TILES: tl.constexpr,        # BLOCK-element tiles per chunk
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     t = tl.load(chunk_ptr + 2 * pid).to(tl.int64)
-    start = tl.load(chunk_ptr + 2 * pid + 1)
-    n = tl.load(meta_ptr + 3 * t)
-    cols = tl.load(meta_ptr + 3 * t + 1)
-    zero = tl.zeros([BLOCK], dtype=tl.int32)
-    # broadcast before use (see fused_step.py: interpreter typing of scalar bools)
-    has_factor = (zero + tl.load(meta_ptr + 3 * t + 2)) != 0
-    gam_ptr = tl.load(addr_ptr + 2 * t).to(tl.pointer_type(tl.float32))
-    factor_ptr = tl.load(addr_ptr + 2 * t + 1).to(tl.pointer_type(tl.float32))
-    work = work_ptr + t * WORK_STRIDE
-    prefix = tl.load(work).to(tl.uint32, bitcast=True)
-    hist = tl.zeros([NUM_BINS], dtype=tl.int32)
-    skipped = tl.full((), 0, tl.int32)
-    for i in range(TILES):
-        offs = start + i * BLOCK + tl.arange(0, BLOCK)
-        inb = offs < n
-        s = tl.load(gam_ptr + offs, mask=inb, other=0.0)
-        # s * 1.0 == s exactly, so Dense scores are GAM bit for bit
-        f = tl.load(factor_ptr + offs % cols, mask=inb & has_factor, other=1.0)
-        key = _order_key(s * f)
-        counts, missed = _digit_counts(key, inb, prefix, SHIFT, NUM_BINS, HIGH, FIRST)
-        hist += counts
-        skipped += missed
-    _flush_histogram(work + HIST_OFFSET, hist, skipped, NUM_BINS)
+    if _selection_due(step_addr_ptr, t, update_steps, found_inf_ptr, CAPTURABLE,
+                      HAS_FOUND_INF):
+        chunk_start = tl.load(chunk_ptr + 2 * pid + 1)
+        n = tl.load(meta_ptr + 2 * t)
+        cols = tl.load(meta_ptr + 2 * t + 1)
+        gam_ptr = tl.load(addr_ptr + 2 * t).to(tl.pointer_type(tl.float32))
+        if ALIGNED:
+            gam_ptr = tl.multiple_of(gam_ptr, 16)   # on the pointer: survives the cast
+        factor_ptr = tl.load(addr_ptr + 2 * t + 1).to(tl.pointer_type(tl.float32))
+        work = work_ptr + t * WORK_STRIDE
+        prefix = tl.load(work).to(tl.uint32, bitcast=True)
+        hist = tl.zeros([NUM_BINS], dtype=tl.int32)
+        skipped = tl.full((), 0, tl.int32)
+        all_in = tl.zeros([BLOCK], dtype=tl.int32) == 0
+        for i in range(TILES):
+            start = tl.multiple_of(chunk_start + i * BLOCK, BLOCK)
+            offs = start + tl.arange(0, BLOCK)
+            if start + BLOCK <= n:
+                # a whole tile: all-true mask of known constancy, so the loads vectorize
+                counts, missed = _digit_counts(
+                    _score_key(gam_ptr, factor_ptr, offs, all_in, cols, HAS_FACTOR),
+                    all_in, prefix, SHIFT, NUM_BINS, HIGH, FIRST)
+            else:
+                counts, missed = _digit_counts(
+                    _score_key(gam_ptr, factor_ptr, offs, offs < n, cols, HAS_FACTOR),
+                    offs < n, prefix, SHIFT, NUM_BINS, HIGH, FIRST)
+            hist += counts
+            skipped += missed
+        _flush_histogram(work + HIST_OFFSET, hist, skipped, NUM_BINS)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["update_steps"])
 def _multi_pick_kernel(
-    work_ptr,    # int32 [T, WORK_STRIDE]
-    k_ptr,       # int32 [T]: k of each tensor (read by the first pass)
-    out_ptr,     # fp32 [T]: thresholds
+    work_ptr,       # int32 [T, WORK_STRIDE]
+    k_ptr,          # int32 [T]: k of each tensor (read by the first pass)
+    out_addr_ptr,   # int64 [T]: address of each tensor's 0-d fp32 threshold
+    step_addr_ptr,  # int64 [T] (CAPTURABLE)
+    update_steps,   # (CAPTURABLE)
+    found_inf_ptr,  # (HAS_FOUND_INF)
     WORK_STRIDE: tl.constexpr,
     HIST_OFFSET: tl.constexpr,
     SHIFT: tl.constexpr,
     NUM_BINS: tl.constexpr,
     FIRST: tl.constexpr,
-    WRITE: tl.constexpr,
+    WRITE: tl.constexpr,        # last pass: write the threshold
+    CAPTURABLE: tl.constexpr,   # exit unless due; the last pass re-zeroes the workspace row
+    HAS_FOUND_INF: tl.constexpr,
 ):
     t = tl.program_id(0)
-    work = work_ptr + t * WORK_STRIDE
-    bins = tl.arange(0, NUM_BINS)
-    hist = tl.load(work + HIST_OFFSET + bins)
-    if FIRST:
-        remaining = tl.load(k_ptr + t)
-        prefix = tl.full((), 0, tl.uint32)
-    else:
-        remaining = tl.load(work + 1)
-        prefix = tl.load(work).to(tl.uint32, bitcast=True)
-    total = tl.sum(hist, axis=0)
-    above = total - tl.cumsum(hist, axis=0)
-    hit = (above < remaining) & (above + hist >= remaining)
-    b = tl.max(tl.where(hit, bins, -1), axis=0)
-    remaining -= tl.sum(tl.where(bins == b, above, 0), axis=0)
-    prefix = prefix | (b.to(tl.uint32) << SHIFT)
-    tl.store(work, prefix.to(tl.int32, bitcast=True))
-    tl.store(work + 1, remaining)
-    if WRITE:
-        tl.store(out_ptr + t, _key_to_float(prefix))
+    if _selection_due(step_addr_ptr, t, update_steps, found_inf_ptr, CAPTURABLE,
+                      HAS_FOUND_INF):
+        work = work_ptr + t * WORK_STRIDE
+        bins = tl.arange(0, NUM_BINS)
+        hist = tl.load(work + HIST_OFFSET + bins)
+        if FIRST:
+            remaining = tl.load(k_ptr + t)
+            prefix = tl.full((), 0, tl.uint32)
+        else:
+            remaining = tl.load(work + 1)
+            prefix = tl.load(work).to(tl.uint32, bitcast=True)
+        total = tl.sum(hist, axis=0)
+        above = total - tl.cumsum(hist, axis=0)
+        hit = (above < remaining) & (above + hist >= remaining)
+        b = tl.max(tl.where(hit, bins, -1), axis=0)
+        remaining -= tl.sum(tl.where(bins == b, above, 0), axis=0)
+        prefix = prefix | (b.to(tl.uint32) << SHIFT)
+        tl.store(work, prefix.to(tl.int32, bitcast=True))
+        tl.store(work + 1, remaining)
+        if WRITE:
+            out = tl.load(out_addr_ptr + t).to(tl.pointer_type(tl.float32))
+            tl.store(out, _key_to_float(prefix))
+            if CAPTURABLE:
+                # leave the row as it was allocated (zeros) for the next stage boundary
+                for start in range(0, WORK_STRIDE, 1024):
+                    offs = start + tl.arange(0, 1024)
+                    tl.store(work + offs, tl.zeros([1024], dtype=tl.int32),
+                             mask=offs < WORK_STRIDE)
 
 
-def select_thresholds(items, approx: bool = False) -> list[torch.Tensor]:
+@triton.jit(do_not_specialize=["update_steps"])
+def _capturable_factor_kernel(
+    addr_ptr,       # int64 [T, 2]: addresses of FAM and of the column factor
+    meta_ptr,       # int32 [T, 2]: numel, cols
+    step_addr_ptr,  # int64 [T]
+    table_ptr,      # fp32 [update_steps + 1]: reference.mix_column_factor of F = 0..us
+    update_steps,
+    found_inf_ptr,
+    HAS_FOUND_INF: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Capturable Mix: ``factor = table[clamp(FAM, 1, us)]`` when the tensor has just
+    closed Stage I. FAM counts keeps over one Stage I, an integer in [0, us], so the table
+    (computed once on the host by the reference) gives the reference's bits exactly."""
+    t = tl.program_id(0)
+    if _selection_due(step_addr_ptr, t, update_steps, found_inf_ptr, True, HAS_FOUND_INF):
+        cols = tl.load(meta_ptr + 2 * t + 1)
+        fam_ptr = tl.load(addr_ptr + 2 * t).to(tl.pointer_type(tl.float32))
+        factor_ptr = tl.load(addr_ptr + 2 * t + 1).to(tl.pointer_type(tl.float32))
+        for start in range(0, cols, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            inb = offs < cols
+            f = tl.load(fam_ptr + offs, mask=inb, other=1.0).to(tl.int32)
+            f = tl.minimum(tl.maximum(f, 1), update_steps)
+            tl.store(factor_ptr + offs, tl.load(table_ptr + f, mask=inb, other=0.0), mask=inb)
+
+
+def _chunk_table(sizes, tiles: int) -> np.ndarray:
+    chunks = [np.stack([np.full(triton.cdiv(n, tiles * BLOCK), i, dtype=np.int32),
+                        np.arange(0, n, tiles * BLOCK, dtype=np.int32)], axis=1)
+              for i, n in enumerate(sizes)]
+    return np.concatenate(chunks)
+
+
+class _SelectionTables:
+    """Device tables of one list of ``(gam, column_factor or None, k)``; all Dense or all Mix."""
+
+    def __init__(self, items, out, device, steps=None):
+        from .fused_step import to_device   # pinned, non-blocking table upload
+
+        addr = np.zeros((len(items), 2), dtype=np.int64)
+        meta = np.zeros((len(items), 2), dtype=np.int32)
+        ks = np.zeros(len(items), dtype=np.int32)
+        for i, (gam, factor, k) in enumerate(items):
+            _check_selection(gam, factor, k)
+            if gam.device != device:
+                raise ValueError(f"all tensors must be on {device}, got one on {gam.device}")
+            addr[i] = [gam.data_ptr(), (gam if factor is None else factor).data_ptr()]
+            meta[i] = [gam.numel(), 1 if factor is None else factor.numel()]
+            ks[i] = k
+        self.has_factor = items[0][1] is not None
+        self.tiles = 8 if device.type == "cuda" else 2
+        self.addr, self.meta = to_device(addr, device), to_device(meta, device)
+        self.chunks = to_device(_chunk_table(meta[:, 0], self.tiles), device)
+        self.ks = to_device(ks, device)
+        self.out_addr = to_device(np.array([o.data_ptr() for o in out], dtype=np.int64), device)
+        self.aligned = bool((addr[:, 0] % 16 == 0).all())
+        self.work = torch.zeros((len(items), WORKSPACE), dtype=torch.int32, device=device)
+        self.steps = (to_device(np.array([s.data_ptr() for s in steps], dtype=np.int64), device)
+                      if steps is not None else self.ks)
+
+    def run(self, approx: bool, capturable: bool = False, update_steps: int = 1,
+            found_inf=None) -> None:
+        offset = 2
+        passes = PASSES[:1] if approx else PASSES
+        flag = self.ks if found_inf is None else found_inf
+        for i, (shift, bins) in enumerate(passes):
+            _multi_hist_kernel[(self.chunks.shape[0],)](
+                self.addr, self.meta, self.chunks, self.work, self.steps, update_steps, flag,
+                WORK_STRIDE=WORKSPACE, HIST_OFFSET=offset, SHIFT=shift, NUM_BINS=bins,
+                HIGH=shift + bins.bit_length() - 1, FIRST=i == 0, HAS_FACTOR=self.has_factor,
+                CAPTURABLE=capturable, HAS_FOUND_INF=found_inf is not None,
+                ALIGNED=self.aligned, TILES=self.tiles, BLOCK=BLOCK)
+            _multi_pick_kernel[(self.ks.shape[0],)](
+                self.work, self.ks, self.out_addr, self.steps, update_steps, flag,
+                WORK_STRIDE=WORKSPACE, HIST_OFFSET=offset, SHIFT=shift, NUM_BINS=bins,
+                FIRST=i == 0, WRITE=i == len(passes) - 1, CAPTURABLE=capturable,
+                HAS_FOUND_INF=found_inf is not None)
+            offset += bins
+
+
+def select_thresholds(items, approx: bool = False, out=None) -> list[torch.Tensor]:
     """``select_threshold`` of every ``(gam, column_factor or None, k)`` in ``items`` in 7
-    launches; returns one 0-d fp32 tensor per item (views of one device buffer)."""
-    from .fused_step import _to_device   # pinned, non-blocking table upload
-
+    launches per kind of score (Dense, Mix); returns one 0-d fp32 tensor per item, ``out``
+    (written in place) when given, else views of one new device buffer."""
     if not items:
         return []
     device = items[0][0].device
-    addr = np.zeros((len(items), 2), dtype=np.int64)
-    meta = np.zeros((len(items), 3), dtype=np.int32)
-    ks = np.zeros(len(items), dtype=np.int32)
-    chunks = []
-    tiles = 8 if device.type == "cuda" else 2
-    for i, (gam, factor, k) in enumerate(items):
-        _check_selection(gam, factor, k)
-        if gam.device != device:
-            raise ValueError(f"all tensors must be on {device}, got one on {gam.device}")
-        n = gam.numel()
-        addr[i] = [gam.data_ptr(), (gam if factor is None else factor).data_ptr()]
-        meta[i] = [n, 1 if factor is None else factor.numel(), factor is not None]
-        ks[i] = k
-        starts = np.arange(0, n, tiles * BLOCK, dtype=np.int32)
-        chunks.append(np.stack([np.full_like(starts, i), starts], axis=1))
-    addr_t, meta_t = _to_device(addr, device), _to_device(meta, device)
-    chunk_t, k_t = _to_device(np.concatenate(chunks), device), _to_device(ks, device)
-    work = torch.zeros((len(items), WORKSPACE), dtype=torch.int32, device=device)
-    out = torch.empty(len(items), dtype=torch.float32, device=device)
-    offset = 2
-    passes = PASSES[:1] if approx else PASSES
-    for i, (shift, bins) in enumerate(passes):
-        _multi_hist_kernel[(chunk_t.shape[0],)](
-            addr_t, meta_t, chunk_t, work, WORK_STRIDE=WORKSPACE, HIST_OFFSET=offset,
-            SHIFT=shift, NUM_BINS=bins, HIGH=shift + bins.bit_length() - 1, FIRST=i == 0,
-            TILES=tiles, BLOCK=BLOCK)
-        _multi_pick_kernel[(len(items),)](
-            work, k_t, out, WORK_STRIDE=WORKSPACE, HIST_OFFSET=offset, SHIFT=shift,
-            NUM_BINS=bins, FIRST=i == 0, WRITE=i == len(passes) - 1)
-        offset += bins
+    if out is None:
+        buffer = torch.empty(len(items), dtype=torch.float32, device=device)
+        out = [buffer[i] for i in range(len(items))]
+    elif len(out) != len(items) or any(o.dtype != torch.float32 or o.numel() != 1
+                                       or o.device != device for o in out):
+        raise ValueError(f"out must hold {len(items)} one-element fp32 tensors on {device}")
+    for has_factor in (False, True):
+        chosen = [i for i, item in enumerate(items) if (item[1] is not None) == has_factor]
+        if chosen:
+            _SelectionTables([items[i] for i in chosen], [out[i] for i in chosen],
+                             device).run(approx)
     # Inputs freed by the caller after this returns are safe: the caching allocator
     # reuses memory in stream order, after these kernels.
-    return [out[i] for i in range(len(items))]
+    return out
+
+
+class CapturableSelection:
+    """The selection of one capturable param group: built once, ``run()`` at every step.
+
+    ``entries`` are ``(gam, column_factor or None, k, threshold, step, fam or None)``;
+    ``factor_table`` (Mix) is ``reference.mix_column_factor`` of ``0..update_steps``.
+    Launches per ``run()``: 6 (Dense) or 7 (Mix), the same at every step.
+    """
+
+    def __init__(self, entries, update_steps: int, factor_table=None):
+        from .fused_step import to_device
+
+        device = entries[0][0].device
+        self.update_steps = int(update_steps)
+        self.tables = _SelectionTables([(g, f, k) for g, f, k, _, _, _ in entries],
+                                       [thr for _, _, _, thr, _, _ in entries], device,
+                                       steps=[s for _, _, _, _, s, _ in entries])
+        self.factor_table = factor_table
+        if factor_table is not None:
+            addr = np.array([[fam.data_ptr(), f.data_ptr()] for _, f, _, _, _, fam in entries],
+                            dtype=np.int64)
+            self.factor_addr = to_device(addr, device)
+
+    def run(self, found_inf=None) -> None:
+        flag = self.tables.ks if found_inf is None else found_inf
+        if self.factor_table is not None:
+            _capturable_factor_kernel[(self.tables.ks.shape[0],)](
+                self.factor_addr, self.tables.meta, self.tables.steps, self.factor_table,
+                self.update_steps, flag, HAS_FOUND_INF=found_inf is not None, BLOCK=1024)
+        self.tables.run(False, capturable=True, update_steps=self.update_steps,
+                        found_inf=found_inf)
