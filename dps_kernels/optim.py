@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import operator
 import warnings
 from typing import Optional
 
@@ -49,6 +50,9 @@ def _check_number(name, value, low, high=None, low_open=False):
     if not ok:
         bound = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'})"
         raise ValueError(f"{name} must be a finite number in {bound}, got {value!r}")
+
+
+_GRAD = operator.attrgetter("grad")
 
 
 def _steps_taken(state: dict) -> int:
@@ -316,8 +320,8 @@ class DPSAdamW(torch.optim.Optimizer):
             if plan is not None and not plan.still_valid(group):
                 plan = None
             if plan is not None and (plan.t is not None or plan.capturable):
-                grads = [p.grad for p in plan.params]
-                if not any(g is None for g in grads):
+                grads = list(map(_GRAD, plan.params))
+                if not any(map(operator.is_, grads, itertools.repeat(None))):
                     if plan.capturable:
                         self._step_capturable(group, plan, grads, grad_scale, found_inf)
                     else:

@@ -7,6 +7,7 @@ selected subnetwork). The cycle keeps repeating past ``total_steps``.
 """
 from __future__ import annotations
 
+import functools
 import math
 from fractions import Fraction
 
@@ -77,6 +78,7 @@ def is_last_of_stage_one(t: int, us: int) -> bool:
     return stage_of(t, us) == STAGE_ONE and t % us == 0
 
 
+@functools.lru_cache(maxsize=4096)   # called per tensor at every stage boundary
 def selected_count(n: int, p: float) -> int:
     """``k = ceil(n * (1 - p))``: how many elements Stage II keeps (at least one when n > 0).
 

@@ -356,13 +356,33 @@ class _Plan:
 
     def grad_table_for(self, grads, entries, device) -> torch.Tensor:
         """The gradient address table, rebuilt (and the gradients checked) only when an
-        address changed since the last step."""
-        ptrs = list(map(torch.Tensor.data_ptr, grads))
-        if ptrs != self.grad_ptrs:
+        address changed since the last step.
+
+        The first table checks every gradient fully. Later rebuilds check what torch's
+        ``.grad`` setter does not already enforce (it refuses another shape, dtype or
+        device than the parameter's): contiguity, and one gradient dtype for the launch."""
+        try:
+            ptrs = list(map(torch.Tensor.data_ptr, grads))
+        except (RuntimeError, TypeError):   # a sparse gradient, or one without storage
             for entry, grad in zip(entries, grads):
                 _check_grad(entry, grad, device)
-            self.grad_table = to_device(np.array(ptrs, dtype=np.int64), device)
-            self.grad_aligned = all(p % 16 == 0 for p in ptrs)
+            raise
+        if ptrs != self.grad_ptrs:
+            dtype = grads[0].dtype
+            if not self.grad_ptrs:
+                bad = range(len(grads))
+            else:
+                bad = [i for i, g in enumerate(grads)
+                       if g.dtype is not dtype or not g.is_contiguous()]
+            for i in bad:
+                _check_grad(entries[i], grads[i], device)
+                if grads[i].dtype != dtype:
+                    raise ValueError(f"{_name(entries[i], 'step')}: gradient dtype "
+                                     f"{grads[i].dtype} differs from the group's first "
+                                     f"gradient ({dtype}); one launch reads one dtype")
+            table = np.array(ptrs, dtype=np.int64)
+            self.grad_table = to_device(table, device)
+            self.grad_aligned = not (table & 15).any()
             self.grad_ptrs = ptrs
         return self.grad_table
 
@@ -381,6 +401,8 @@ def _name(entry, kind: str) -> str:
 
 def _check_grad(entry, grad, device) -> None:
     p = entry.param
+    if grad.layout != torch.strided:
+        raise ValueError(f"{_name(entry, 'step')}: sparse gradients are not supported")
     if grad.shape != p.shape or not grad.is_contiguous() or grad.device != device:
         raise ValueError(f"{_name(entry, 'step')}: grad must be contiguous, on {device}, "
                          f"shaped like the param")
@@ -441,18 +463,15 @@ class FusedStep:
     # ------------------------------------------------------------------ group API
     def group(self, gs: GroupStep) -> None:
         """One step of every tensor of ``gs`` (all on one device, one param dtype)."""
-        entries = [e for e in gs.entries if e.param.numel()]
-        if len(entries) != len(gs.entries):
+        cached = None if gs.cache is None else gs.cache.get("triton_plan")
+        if cached is None:
             keep = [i for i, e in enumerate(gs.entries) if e.param.numel()]
-            grads = [gs.grads[i] for i in keep]
-            cache = None
-        else:
-            grads, cache = gs.grads, gs.cache
-        if not entries:
-            return
-        device = entries[0].param.device
-        plan = None if cache is None else cache.get("triton_plan")
-        if plan is None:
+            if len(keep) == len(gs.entries):
+                keep = None   # no empty tensor: the gradients list is used as it is
+            entries = gs.entries if keep is None else [gs.entries[i] for i in keep]
+            if not entries:
+                return
+            device = entries[0].param.device
             for e in entries:
                 _check_entry(e, gs.mode, gs.capturable, device,
                              0 if gs.capturable else gs.stage)
@@ -461,8 +480,11 @@ class FusedStep:
                                      f"and dtype")
             plan = _Plan(entries, [e.key_base for e in entries], device, self._dummy(device),
                          self._layout(entries, device))
-            if cache is not None:
-                cache["triton_plan"] = plan
+            cached = (plan, entries, keep, device)
+            if gs.cache is not None:
+                gs.cache["triton_plan"] = cached
+        plan, entries, keep, device = cached
+        grads = gs.grads if keep is None else [gs.grads[i] for i in keep]
         grad_table = plan.grad_table_for(grads, entries, device)
         kind = MODE_CODE[gs.mode]
         dummy = self._dummy(device)
