@@ -230,3 +230,29 @@ def test_capturable_state_dict_resumes_host_scheduled():
         opt.step()
     for p0, p1 in zip(full.parameters(), resumed.parameters()):
         torch.testing.assert_close(p1, p0, rtol=0, atol=1e-6)
+
+
+def test_tensor_lr_updated_in_place_is_followed():
+    """Under graph replay only device memory changes: an lr tensor updated in place (what a
+    scheduler does to a tensor lr) must be used at the next step, like a float lr change."""
+    batches = _batches(4)
+    models = []
+    for as_tensor in (False, True):
+        model = _model()
+        # fp64, so the tensor holds the same number as the float (an fp32 lr is rounded)
+        lr = torch.tensor(5e-3, dtype=torch.float64) if as_tensor else 5e-3
+        opt = DPSAdamW.from_model(model, mode="dense", update_steps=US, lr=lr,
+                                  backend="triton", capturable=True)
+        for t, (x, y) in enumerate(batches):
+            if t == 2:
+                for group in opt.param_groups:
+                    if as_tensor:
+                        group["lr"].fill_(1e-2)
+                    else:
+                        group["lr"] = 1e-2
+            opt.zero_grad(set_to_none=False)
+            ((model(x) - y) ** 2).mean().backward()
+            opt.step()
+        models.append(model)
+    for a, b in zip(*(m.parameters() for m in models)):
+        assert torch.equal(a, b)
