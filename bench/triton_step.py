@@ -60,7 +60,7 @@ def bert_shapes(toy: bool):
 
 
 def bytes_per_element(kind, itemsize: int) -> int:
-    from dps_kernels.backends.base import StepKind
+    from dps_kernels.step_types import StepKind
 
     extra = {StepKind.PLAIN: 0, StepKind.MIX_STAGE2: 0, StepKind.DENSE_STAGE1: 8,
              StepKind.MIX_STAGE1: 8, StepKind.DENSE_STAGE2: 4}[kind]
@@ -69,7 +69,7 @@ def bytes_per_element(kind, itemsize: int) -> int:
 
 def make_tasks(shapes, dtype, device, mode, stage):
     from dps_kernels import reference as ref
-    from dps_kernels.backends.base import StepKind, TensorStep
+    from dps_kernels.step_types import StepKind, TensorStep
     from dps_kernels.mask_hash import columns_of, keep_threshold, step_key
 
     gen = torch.Generator(device=device).manual_seed(0)
@@ -133,7 +133,6 @@ def measure_state_memory(device, dtype) -> list[dict]:
     import transformers
 
     from dps_kernels import DPSAdamW
-    from dps_kernels.backends import get_backend
 
     rows = []
     for mode in ("dense", "mix"):
@@ -143,8 +142,6 @@ def measure_state_memory(device, dtype) -> list[dict]:
         model = transformers.BertForSequenceClassification(config).to(dtype).to(device)
         opt = DPSAdamW.from_model(model, mode=mode, update_steps=2, backend="triton")
         ids = torch.randint(0, 500, (2, 16), device=device)
-        backend = get_backend("triton")
-        backend._fused_step._plans.clear()
         for _ in range(4):
             opt.zero_grad()
             model(input_ids=ids, labels=torch.tensor([0, 1], device=device)).loss.backward()
@@ -153,10 +150,12 @@ def measure_state_memory(device, dtype) -> list[dict]:
         state = sum(v.numel() * v.element_size() for p in dps for v in opt.state[p].values()
                     if torch.is_tensor(v))
         n = sum(p.numel() for p in dps)
-        # the tables of the plans in use (the latest Stage II plan of every group)
-        plans = list(backend._fused_step._plans.values())[-len(opt.param_groups):]
+        # the tables the optimizer's group plans keep for the triton backend
+        plans = [part.cache["triton_plan"][0] for plan in opt._plans.values()
+                 for part in plan.parts if "triton_plan" in part.cache]
         tables = sum(t.numel() * t.element_size() for plan in plans
-                     for t in (plan.addr, plan.meta, plan.block_tensor, plan.block_start))
+                     for t in (plan.addr, plan.meta, plan.grad_table, plan.layout.block_tensor,
+                               plan.layout.block_start))
         total = sum(p.numel() for p in model.parameters())
         rows.append(dict(mode=mode, dtype=str(dtype).replace("torch.", ""),
                          state_bytes_per_dps_param=state / n,

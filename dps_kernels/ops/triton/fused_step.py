@@ -422,7 +422,9 @@ def _check_entry(entry, mode: str, capturable: bool, device, stage: int = 0) -> 
         raise ValueError(f"{name}: more than {MAX_TENSOR_ELEMENTS} elements")
     if entry.cols < 1 or p.numel() % entry.cols:
         raise ValueError(f"{name}: cols={entry.cols} must divide numel={p.numel()}")
-    needs = {"dense": ("gam",), "mix": ("gam", "fam"), "plain": ()}[mode]
+    needs = {"dense": ("gam",), "mix": ("gam",), "plain": ()}[mode]
+    if mode == "mix" and stage != 2:       # Stage I (or decided on the device)
+        needs += ("fam",)
     if mode != "plain" and stage != 1:     # Stage II (or decided on the device)
         needs += ("threshold",) + (("column_factor",) if mode == "mix" else ())
     for label in needs:
