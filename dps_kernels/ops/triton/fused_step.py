@@ -200,7 +200,7 @@ def _dps_step_kernel(
         t = t_dev
         # Per-tensor flags are broadcast to the block before use: the interpreter mistypes
         # (block bool) & (scalar bool) as int32; compiled Triton folds the splat away.
-        s1 = (zero + stage_one.to(tl.int32)) != 0
+        s1 = zero == 0   # unused: the stage picks a code path below
         rst = (zero + reset_dev.to(tl.int32)) != 0
         snap = (zero + due.to(tl.int32)) != 0
     else:
@@ -220,19 +220,43 @@ def _dps_step_kernel(
         # GradScaler.unscale_ multiplies by fp32(1 / fp64(scale)); so do we.
         inv_scale = (1.0 / tl.load(scale_ptr).to(tl.float64)).to(tl.float32)
 
+    args = (cols, key, keep_thr, inv_scale, w_ptr, g_ptr, m_ptr, v_ptr, gam_ptr, fam_ptr,
+            factor_ptr, thr_ptr, snap_ptr, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
+            decay, step_size, bias2_sqrt)
+    if STAGE == 0:
+        # One code path per stage, chosen per tensor at run time: registers are those of
+        # the larger path, not of both (the flags would otherwise keep both alive).
+        if stage_one:
+            _split_blocks(start, numel, offs, zero == 0, rst, snap, *args, PARAM_DTYPE, KIND,
+                          FREEZE, HF_LEGACY, HAS_SCALE, KIND == 2, EMULATE_RNE, BLOCK)
+        else:
+            _split_blocks(start, numel, offs, zero != 0, rst, snap, *args, PARAM_DTYPE, KIND,
+                          FREEZE, HF_LEGACY, HAS_SCALE, False, EMULATE_RNE, BLOCK)
+    else:
+        _split_blocks(start, numel, offs, s1, rst, snap, *args, PARAM_DTYPE, KIND, FREEZE,
+                      HF_LEGACY, HAS_SCALE, False, EMULATE_RNE, BLOCK)
+
+
+@triton.jit
+def _split_blocks(start, numel, offs, s1, rst, snap, cols, key, keep_thr, inv_scale, w_ptr,
+                  g_ptr, m_ptr, v_ptr, gam_ptr, fam_ptr, factor_ptr, thr_ptr, snap_ptr, beta1,
+                  one_minus_beta1, beta2, one_minus_beta2, eps, decay, step_size, bias2_sqrt,
+                  PARAM_DTYPE: tl.constexpr, KIND: tl.constexpr, FREEZE: tl.constexpr,
+                  HF_LEGACY: tl.constexpr, HAS_SCALE: tl.constexpr, SNAPSHOT: tl.constexpr,
+                  EMULATE_RNE: tl.constexpr, BLOCK: tl.constexpr):
     if start + BLOCK <= numel:
         # A whole block: the all-true mask has known constancy, so the accesses vectorize.
-        _step_block(offs, zero == 0, s1, rst, snap, cols, key, keep_thr, inv_scale,
-                    w_ptr, g_ptr, m_ptr, v_ptr, gam_ptr, fam_ptr, factor_ptr, thr_ptr,
-                    snap_ptr, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
-                    decay, step_size, bias2_sqrt, PARAM_DTYPE, KIND, STAGE, FREEZE,
-                    HF_LEGACY, HAS_SCALE, EMULATE_RNE)
+        _step_block(offs, tl.zeros_like(offs) == 0, s1, rst, snap, cols, key, keep_thr, inv_scale, w_ptr,
+                    g_ptr, m_ptr, v_ptr, gam_ptr, fam_ptr, factor_ptr, thr_ptr, snap_ptr,
+                    beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay, step_size,
+                    bias2_sqrt, PARAM_DTYPE, KIND, FREEZE, HF_LEGACY, HAS_SCALE, SNAPSHOT,
+                    EMULATE_RNE)
     else:
-        _step_block(offs, offs < numel, s1, rst, snap, cols, key, keep_thr, inv_scale,
-                    w_ptr, g_ptr, m_ptr, v_ptr, gam_ptr, fam_ptr, factor_ptr, thr_ptr,
-                    snap_ptr, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
-                    decay, step_size, bias2_sqrt, PARAM_DTYPE, KIND, STAGE, FREEZE,
-                    HF_LEGACY, HAS_SCALE, EMULATE_RNE)
+        _step_block(offs, offs < numel, s1, rst, snap, cols, key, keep_thr, inv_scale, w_ptr,
+                    g_ptr, m_ptr, v_ptr, gam_ptr, fam_ptr, factor_ptr, thr_ptr, snap_ptr,
+                    beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay, step_size,
+                    bias2_sqrt, PARAM_DTYPE, KIND, FREEZE, HF_LEGACY, HAS_SCALE, SNAPSHOT,
+                    EMULATE_RNE)
 
 
 @triton.jit
@@ -240,12 +264,12 @@ def _step_block(offs, inb, s1, reset, snap, cols, key, keep_threshold, inv_scale
                 w_ptr, g_ptr, m_ptr, v_ptr, gam_ptr, fam_ptr, factor_ptr, thr_ptr, snap_ptr,
                 beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay, step_size,
                 bias2_sqrt, PARAM_DTYPE: tl.constexpr, KIND: tl.constexpr,
-                STAGE: tl.constexpr, FREEZE: tl.constexpr, HF_LEGACY: tl.constexpr,
-                HAS_SCALE: tl.constexpr, EMULATE_RNE: tl.constexpr):
+                FREEZE: tl.constexpr, HF_LEGACY: tl.constexpr, HAS_SCALE: tl.constexpr,
+                SNAPSHOT: tl.constexpr, EMULATE_RNE: tl.constexpr):
     """The step of the elements ``offs`` (``inb``: in bounds) of one tensor.
 
-    ``s1`` (Stage I), ``reset`` and ``snap`` (write W') are block-wide flags: constants
-    the compiler folds when STAGE is 1 or 2, per-tensor values when STAGE is 0."""
+    ``s1`` (Stage I) is a constant block the compiler folds away; ``reset`` and ``snap``
+    (write W', capturable Mix: ``SNAPSHOT``) are per-tensor block-wide flags."""
     w0 = tl.load(w_ptr + offs, mask=inb, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=inb, other=0.0).to(tl.float32)
     m0 = tl.load(m_ptr + offs, mask=inb, other=0.0).to(tl.float32)
@@ -302,10 +326,9 @@ def _step_block(offs, inb, s1, reset, snap, cols, key, keep_threshold, inv_scale
     tl.store(w_ptr + offs, w_out, mask=inb)
     tl.store(m_ptr + offs, round_to(m, PARAM_DTYPE, EMULATE_RNE), mask=inb)
     tl.store(v_ptr + offs, round_to(v, PARAM_DTYPE, EMULATE_RNE), mask=inb)
-    if KIND == 2:
-        if STAGE == 0:
-            # Capturable Mix: W' = W after the last Stage I step, written here.
-            tl.store(snap_ptr + offs, w_out, mask=inb & snap)
+    if SNAPSHOT:
+        # Capturable Mix: W' = W after the last Stage I step, written here.
+        tl.store(snap_ptr + offs, w_out, mask=inb & snap)
 
 
 class _Layout:
