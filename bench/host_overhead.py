@@ -48,15 +48,23 @@ class _Stub:
         return launch
 
 
-def stub_kernels(counter: dict) -> None:
+def stub_kernels(counter: dict):
+    """Replace the kernels by stubs; returns a function that puts the real ones back."""
     from dps_kernels.ops.triton import fused_step, mix, radix_select
 
+    saved = []
     for module, names in ((fused_step, ["_dps_step_kernel"]),
                           (radix_select, ["_multi_hist_kernel", "_multi_pick_kernel",
                                           "_capturable_factor_kernel"]),
                           (mix, ["_mix_weight_kernel", "_mix_grad_kernel"])):
         for name in names:
+            saved.append((module, name, getattr(module, name)))
             setattr(module, name, _Stub(counter, name))
+
+    def restore():
+        for module, name, kernel in saved:
+            setattr(module, name, kernel)
+    return restore
 
 
 def bert_large(shrink: int) -> torch.nn.Module:
@@ -110,13 +118,16 @@ def main(argv=None) -> None:
     os.environ.setdefault("TRITON_INTERPRET", "1")   # lets the triton backend take CPU tensors
     torch.set_num_threads(1)
     counter: dict = {}
-    stub_kernels(counter)
+    restore = stub_kernels(counter)
     rows = []
-    for mode in ("dense", "mix"):
-        for fresh in (False, True):
-            torch.manual_seed(0)
-            rows.append(measure(bert_large(args.shrink), mode, args.steps, fresh,
-                                args.update_steps))
+    try:
+        for mode in ("dense", "mix"):
+            for fresh in (False, True):
+                torch.manual_seed(0)
+                rows.append(measure(bert_large(args.shrink), mode, args.steps, fresh,
+                                    args.update_steps))
+    finally:
+        restore()
     from bench.triton_step import conditions
     cond = conditions(torch.device("cpu"))
     lines = [f"# Host time of DPSAdamW.step(), triton backend, launches stubbed (measured)\n",

@@ -23,6 +23,8 @@ def test_benchmark_runs(tmp_path, monkeypatch):
                         "--out", str(tmp_path / "host")])
     text = (tmp_path / "host.md").read_text()
     assert "| dense | same addresses |" in text and "| mix | fresh each step |" in text
+    from dps_kernels.ops.triton import fused_step
+    assert not isinstance(fused_step._dps_step_kernel, host_overhead._Stub), "stubs left in"
 
 
 @pytest.mark.parametrize("mode", ["dense", "mix"])
