@@ -100,6 +100,41 @@ def _flush_histogram(hist_ptr, hist, skipped, NUM_BINS: tl.constexpr):
 
 
 @triton.jit
+def _tile_counts(gam_ptr, factor_ptr, start, n, cols, prefix, SHIFT: tl.constexpr,
+                 NUM_BINS: tl.constexpr, HIGH: tl.constexpr, FIRST: tl.constexpr,
+                 HAS_FACTOR: tl.constexpr, BLOCK: tl.constexpr):
+    """Digit histogram (and uncounted lanes) of the BLOCK scores starting at ``start``.
+
+    A tile wholly inside the tensor runs with an all-true mask of known constancy, so its
+    GAM loads vectorize (128-bit); only the tensor's last tile masks with ``offs < n``."""
+    offs = start + tl.arange(0, BLOCK)
+    if start + BLOCK <= n:
+        inb = tl.zeros([BLOCK], dtype=tl.int32) == 0
+        counts, missed = _digit_counts(
+            _score_key(gam_ptr, factor_ptr, offs, inb, cols, HAS_FACTOR), inb, prefix,
+            SHIFT, NUM_BINS, HIGH, FIRST)
+    else:
+        inb = offs < n
+        counts, missed = _digit_counts(
+            _score_key(gam_ptr, factor_ptr, offs, inb, cols, HAS_FACTOR), inb, prefix,
+            SHIFT, NUM_BINS, HIGH, FIRST)
+    return counts, missed
+
+
+@triton.jit
+def _pick_bin(hist, remaining, prefix, SHIFT: tl.constexpr, NUM_BINS: tl.constexpr):
+    """The bin b holding the ``remaining``-th largest (``count(bins > b) < remaining <=
+    count(bins >= b)``): returns the prefix with b appended and what remains of k in b."""
+    bins = tl.arange(0, NUM_BINS)
+    total = tl.sum(hist, axis=0)
+    above = total - tl.cumsum(hist, axis=0)   # elements in bins strictly above each bin
+    hit = (above < remaining) & (above + hist >= remaining)
+    b = tl.max(tl.where(hit, bins, -1), axis=0)
+    remaining -= tl.sum(tl.where(bins == b, above, 0), axis=0)
+    return prefix | (b.to(tl.uint32) << SHIFT), remaining
+
+
+@triton.jit
 def _radix_hist_kernel(
     gam_ptr,      # fp32 [n]: GAM
     factor_ptr,   # fp32 [cols]: Mix column factor (unused when HAS_FACTOR is False)
@@ -119,19 +154,10 @@ def _radix_hist_kernel(
     prefix = tl.load(work_ptr).to(tl.uint32, bitcast=True)
     hist = tl.zeros([NUM_BINS], dtype=tl.int32)
     skipped = tl.full((), 0, tl.int32)
-    all_in = tl.zeros([BLOCK], dtype=tl.int32) == 0
     for i in range(tiles):
         start = tl.multiple_of((pid * tiles + i) * BLOCK, BLOCK)
-        offs = start + tl.arange(0, BLOCK)
-        if start + BLOCK <= n:
-            # a whole tile: all-true mask of known constancy, so the loads vectorize
-            counts, missed = _digit_counts(
-                _score_key(gam_ptr, factor_ptr, offs, all_in, cols, HAS_FACTOR),
-                all_in, prefix, SHIFT, NUM_BINS, HIGH, FIRST)
-        else:
-            counts, missed = _digit_counts(
-                _score_key(gam_ptr, factor_ptr, offs, offs < n, cols, HAS_FACTOR),
-                offs < n, prefix, SHIFT, NUM_BINS, HIGH, FIRST)
+        counts, missed = _tile_counts(gam_ptr, factor_ptr, start, n, cols, prefix, SHIFT,
+                                      NUM_BINS, HIGH, FIRST, HAS_FACTOR, BLOCK)
         hist += counts
         skipped += missed
     _flush_histogram(work_ptr + HIST_OFFSET, hist, skipped, NUM_BINS)
@@ -156,12 +182,7 @@ def _radix_pick_kernel(
     else:
         remaining = tl.load(work_ptr + 1)
         prefix = tl.load(work_ptr).to(tl.uint32, bitcast=True)
-    total = tl.sum(hist, axis=0)
-    above = total - tl.cumsum(hist, axis=0)   # elements in bins strictly above each bin
-    hit = (above < remaining) & (above + hist >= remaining)
-    b = tl.max(tl.where(hit, bins, -1), axis=0)
-    remaining -= tl.sum(tl.where(bins == b, above, 0), axis=0)
-    prefix = prefix | (b.to(tl.uint32) << SHIFT)
+    prefix, remaining = _pick_bin(hist, remaining, prefix, SHIFT, NUM_BINS)
     tl.store(work_ptr, prefix.to(tl.int32, bitcast=True))
     tl.store(work_ptr + 1, remaining)
     if WRITE:
@@ -295,19 +316,10 @@ def _multi_hist_kernel(
         prefix = tl.load(work).to(tl.uint32, bitcast=True)
         hist = tl.zeros([NUM_BINS], dtype=tl.int32)
         skipped = tl.full((), 0, tl.int32)
-        all_in = tl.zeros([BLOCK], dtype=tl.int32) == 0
         for i in range(TILES):
             start = tl.multiple_of(chunk_start + i * BLOCK, BLOCK)
-            offs = start + tl.arange(0, BLOCK)
-            if start + BLOCK <= n:
-                # a whole tile: all-true mask of known constancy, so the loads vectorize
-                counts, missed = _digit_counts(
-                    _score_key(gam_ptr, factor_ptr, offs, all_in, cols, HAS_FACTOR),
-                    all_in, prefix, SHIFT, NUM_BINS, HIGH, FIRST)
-            else:
-                counts, missed = _digit_counts(
-                    _score_key(gam_ptr, factor_ptr, offs, offs < n, cols, HAS_FACTOR),
-                    offs < n, prefix, SHIFT, NUM_BINS, HIGH, FIRST)
+            counts, missed = _tile_counts(gam_ptr, factor_ptr, start, n, cols, prefix, SHIFT,
+                                          NUM_BINS, HIGH, FIRST, HAS_FACTOR, BLOCK)
             hist += counts
             skipped += missed
         _flush_histogram(work + HIST_OFFSET, hist, skipped, NUM_BINS)
@@ -342,12 +354,7 @@ def _multi_pick_kernel(
         else:
             remaining = tl.load(work + 1)
             prefix = tl.load(work).to(tl.uint32, bitcast=True)
-        total = tl.sum(hist, axis=0)
-        above = total - tl.cumsum(hist, axis=0)
-        hit = (above < remaining) & (above + hist >= remaining)
-        b = tl.max(tl.where(hit, bins, -1), axis=0)
-        remaining -= tl.sum(tl.where(bins == b, above, 0), axis=0)
-        prefix = prefix | (b.to(tl.uint32) << SHIFT)
+        prefix, remaining = _pick_bin(hist, remaining, prefix, SHIFT, NUM_BINS)
         tl.store(work, prefix.to(tl.int32, bitcast=True))
         tl.store(work + 1, remaining)
         if WRITE:
