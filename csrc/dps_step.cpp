@@ -104,8 +104,12 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
     for (const auto& [t, what] : {std::pair<const at::Tensor&, const char*>{exp_avgs[i], "exp_avgs"},
                                   {exp_avg_sqs[i], "exp_avg_sqs"}}) {
       check_cpu_contiguous(t, what, i);
-      TORCH_CHECK(t.scalar_type() == dtype, "dps_cpu.fused_step: ", what, "[", i,
-                  "] must have the param's dtype ", dtype, ", got ", t.scalar_type());
+      // fp32 moments on bf16 parameters (DPSAdamW(fp32_moments=True)) are accepted.
+      TORCH_CHECK(t.scalar_type() == dtype || t.scalar_type() == at::kFloat,
+                  "dps_cpu.fused_step: ", what, "[", i, "] must have the param's dtype ",
+                  dtype, " or float32, got ", t.scalar_type());
+      TORCH_CHECK(t.scalar_type() == exp_avgs[i].scalar_type(), "dps_cpu.fused_step: ",
+                  "exp_avgs[", i, "] and exp_avg_sqs[", i, "] must share one dtype");
       TORCH_CHECK(t.sizes() == p.sizes(), "dps_cpu.fused_step: ", what, "[", i,
                   "] has shape ", t.sizes(), " but params[", i, "] has shape ", p.sizes());
     }
@@ -121,6 +125,7 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
     s.freeze = freeze;
     s.reset = reset;
     s.grad_fp32 = s.bf16 && g.scalar_type() == at::kFloat;
+    s.moments_fp32 = s.bf16 && exp_avgs[i].scalar_type() == at::kFloat;
     s.param = p.data_ptr();
     s.grad = contiguous_grads[i].data_ptr();
     s.exp_avg = exp_avgs[i].data_ptr();
@@ -198,12 +203,13 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
       const int64_t end = std::min(begin + kChunk, base.len);
       const int64_t esize = base.bf16 ? 2 : 4;
       const int64_t gsize = base.bf16 && !base.grad_fp32 ? 2 : 4;
+      const int64_t msize = base.bf16 && !base.moments_fp32 ? 2 : 4;
       auto run = [&](int64_t start, int64_t len, int64_t col0) {
         StepSpan s = base;
         s.param = static_cast<char*>(base.param) + start * esize;
         s.grad = static_cast<const char*>(base.grad) + start * gsize;
-        s.exp_avg = static_cast<char*>(base.exp_avg) + start * esize;
-        s.exp_avg_sq = static_cast<char*>(base.exp_avg_sq) + start * esize;
+        s.exp_avg = static_cast<char*>(base.exp_avg) + start * msize;
+        s.exp_avg_sq = static_cast<char*>(base.exp_avg_sq) + start * msize;
         if (base.gam) s.gam = base.gam + start;
         if (base.column) s.column = base.column + col0;
         s.len = len;

@@ -29,7 +29,8 @@ struct StepScalars {
 struct StepSpan {
   int kind;
   bool bf16, freeze, reset;
-  bool grad_fp32;  // fp32 gradient on a bf16 parameter
+  bool grad_fp32;     // fp32 gradient on a bf16 parameter
+  bool moments_fp32;  // fp32 exp_avg / exp_avg_sq on a bf16 parameter
   void* param;
   const void* grad;
   void* exp_avg;

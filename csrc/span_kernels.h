@@ -10,7 +10,8 @@
 // into SIMD code (checked with -fopt-info-vec: all loops, all variants); `-ffp-contract=off` keeps each fp32 operation rounded separately, in
 // the same order as dps_kernels/reference.py, so results match the reference bit for bit.
 //
-// Memory traffic per element of the fused step (fp32 params; bf16 halves w, g, m, v):
+// Memory traffic per element of the fused step (fp32 params; bf16 halves w, g, m, v, and
+// fp32 moments on bf16 params keep m and v at 4 bytes):
 //   PLAIN / MIX_STAGE2:       read w g m v, write w m v           = 28 bytes
 //   DENSE_STAGE2:             + read GAM                          = 32 bytes
 //   DENSE/MIX_STAGE1:         + read and write GAM                = 36 bytes (24 on reset)
@@ -56,13 +57,13 @@ template <> struct Io<uint16_t> {  // bf16 storage
 
 // KIND values are the StepKind codes of span_args.h. FREEZE only matters for kinds
 // with a mask; RESET only for the Stage I kinds. G is the gradient's storage (the
-// param's, or fp32 gradients on bf16 parameters).
-template <typename T, typename G, int KIND, bool FREEZE, bool RESET>
+// param's, or fp32 gradients on bf16 parameters), M the moments' (the param's, or fp32).
+template <typename T, typename G, typename M, int KIND, bool FREEZE, bool RESET>
 static void step_span_t(const StepSpan& a) {
   T* __restrict__ w = static_cast<T*>(a.param);
   const G* __restrict__ g = static_cast<const G*>(a.grad);
-  T* __restrict__ m = static_cast<T*>(a.exp_avg);
-  T* __restrict__ v = static_cast<T*>(a.exp_avg_sq);
+  M* __restrict__ m = static_cast<M*>(a.exp_avg);
+  M* __restrict__ v = static_cast<M*>(a.exp_avg_sq);
   float* __restrict__ gam = a.gam;
   const float* __restrict__ col = a.column;  // keep (0/1) or score factor, from this column on
   const float thr = a.threshold;
@@ -75,8 +76,8 @@ static void step_span_t(const StepSpan& a) {
   for (int64_t j = 0; j < n; ++j) {
     float gj = Io<G>::load(g[j]);
     const float w0 = Io<T>::load(w[j]);
-    const float m0 = Io<T>::load(m[j]);
-    const float v0 = Io<T>::load(v[j]);
+    const float m0 = Io<M>::load(m[j]);
+    const float v0 = Io<M>::load(v[j]);
     if constexpr (KIND == KIND_DENSE_STAGE1 || KIND == KIND_MIX_STAGE1) {
       // reference: GAM.zero_() then GAM += g*g; 0 + g*g == g*g exactly (g*g is never -0)
       const float sq = gj * gj;
@@ -103,44 +104,50 @@ static void step_span_t(const StepSpan& a) {
       v2 = sel ? v1 : v0;
     }
     w[j] = Io<T>::store(w1);
-    m[j] = Io<T>::store(m2);
-    v[j] = Io<T>::store(v2);
+    m[j] = Io<M>::store(m2);
+    v[j] = Io<M>::store(v2);
   }
 }
 
-template <typename T, typename G>
+template <typename T, typename G, typename M>
 static void step_span_dtype(const StepSpan& a) {
   // Kinds whose freeze/non-freeze loops coincide share one instantiation: Mix Stage I
   // without freeze is Dense Stage I, Mix Stage II without freeze is plain AdamW.
   switch (a.kind) {
     case KIND_PLAIN:
-      return step_span_t<T, G, KIND_PLAIN, false, false>(a);
+      return step_span_t<T, G, M, KIND_PLAIN, false, false>(a);
     case KIND_DENSE_STAGE1:
-      return a.reset ? step_span_t<T, G, KIND_DENSE_STAGE1, false, true>(a)
-                     : step_span_t<T, G, KIND_DENSE_STAGE1, false, false>(a);
+      return a.reset ? step_span_t<T, G, M, KIND_DENSE_STAGE1, false, true>(a)
+                     : step_span_t<T, G, M, KIND_DENSE_STAGE1, false, false>(a);
     case KIND_DENSE_STAGE2:
-      return a.freeze ? step_span_t<T, G, KIND_DENSE_STAGE2, true, false>(a)
-                      : step_span_t<T, G, KIND_DENSE_STAGE2, false, false>(a);
+      return a.freeze ? step_span_t<T, G, M, KIND_DENSE_STAGE2, true, false>(a)
+                      : step_span_t<T, G, M, KIND_DENSE_STAGE2, false, false>(a);
     case KIND_MIX_STAGE1:
       if (!a.freeze) {
-        return a.reset ? step_span_t<T, G, KIND_DENSE_STAGE1, false, true>(a)
-                       : step_span_t<T, G, KIND_DENSE_STAGE1, false, false>(a);
+        return a.reset ? step_span_t<T, G, M, KIND_DENSE_STAGE1, false, true>(a)
+                       : step_span_t<T, G, M, KIND_DENSE_STAGE1, false, false>(a);
       }
-      return a.reset ? step_span_t<T, G, KIND_MIX_STAGE1, true, true>(a)
-                     : step_span_t<T, G, KIND_MIX_STAGE1, true, false>(a);
+      return a.reset ? step_span_t<T, G, M, KIND_MIX_STAGE1, true, true>(a)
+                     : step_span_t<T, G, M, KIND_MIX_STAGE1, true, false>(a);
     case KIND_MIX_STAGE2:
-      return a.freeze ? step_span_t<T, G, KIND_MIX_STAGE2, true, false>(a)
-                      : step_span_t<T, G, KIND_PLAIN, false, false>(a);
+      return a.freeze ? step_span_t<T, G, M, KIND_MIX_STAGE2, true, false>(a)
+                      : step_span_t<T, G, M, KIND_PLAIN, false, false>(a);
   }
 }
 
 void step_span(const StepSpan& a) {
   if (!a.bf16) {
-    step_span_dtype<float, float>(a);
+    step_span_dtype<float, float, float>(a);
+  } else if (a.moments_fp32) {
+    if (a.grad_fp32) {
+      step_span_dtype<uint16_t, float, float>(a);
+    } else {
+      step_span_dtype<uint16_t, uint16_t, float>(a);
+    }
   } else if (a.grad_fp32) {
-    step_span_dtype<uint16_t, float>(a);
+    step_span_dtype<uint16_t, float, uint16_t>(a);
   } else {
-    step_span_dtype<uint16_t, uint16_t>(a);
+    step_span_dtype<uint16_t, uint16_t, uint16_t>(a);
   }
 }
 

@@ -14,7 +14,8 @@ Per element (g = grad, w = param, m/v = moments; arithmetic in fp32; see step_ty
                             w -= step_size * m / (sqrt(v) / bias2_sqrt + eps)
            hf_legacy style: the same with bias2_sqrt = 1 and ``w *= decay`` after the update.
 
-Bytes moved per element (P = bytes of the param dtype, grad in the param dtype):
+Bytes moved per element (P = bytes of the param dtype, grad and moments in the param dtype;
+fp32 moments on 16-bit params, ``DPSAdamW(fp32_moments=True)``, make the moments 4 B):
     PLAIN / MIX_STAGE2       read w, g, m, v (4P)                write w, m, v (3P)   = 7P
     DENSE_STAGE1/MIX_STAGE1    + read and write GAM (8)                               = 7P + 8
     DENSE_STAGE2             + read GAM (4)                                            = 7P + 4
@@ -138,7 +139,8 @@ def _dps_step_kernel(
     update_steps,      # stage length (STAGE == 0)
     scale_ptr,         # fp32 0-d GradScaler scale (HAS_SCALE)
     found_inf_ptr,     # fp32 0-d GradScaler found_inf (HAS_FOUND_INF)
-    PARAM_DTYPE: tl.constexpr,  # dtype of param, exp_avg, exp_avg_sq
+    PARAM_DTYPE: tl.constexpr,  # dtype of param (and W')
+    MOMENT_DTYPE: tl.constexpr,  # dtype of exp_avg, exp_avg_sq: the param's, or fp32
     GRAD_DTYPE: tl.constexpr,   # dtype of grad
     KIND: tl.constexpr,         # PLAIN, DENSE or MIX
     STAGE: tl.constexpr,        # 1, 2, or 0: decided per tensor from its device step
@@ -164,8 +166,8 @@ def _dps_step_kernel(
     a = addr_ptr + tensor * 9
     w_ptr = _table_ptr(a, PARAM_DTYPE, ALIGNED)
     g_ptr = _table_ptr(grad_addr_ptr + tensor, GRAD_DTYPE, ALIGNED)
-    m_ptr = _table_ptr(a + 1, PARAM_DTYPE, ALIGNED)
-    v_ptr = _table_ptr(a + 2, PARAM_DTYPE, ALIGNED)
+    m_ptr = _table_ptr(a + 1, MOMENT_DTYPE, ALIGNED)
+    v_ptr = _table_ptr(a + 2, MOMENT_DTYPE, ALIGNED)
     gam_ptr = _table_ptr(a + 3, tl.float32, ALIGNED)
     fam_ptr = _table_ptr(a + 4, tl.float32, False)
     factor_ptr = _table_ptr(a + 5, tl.float32, False)
@@ -227,21 +229,24 @@ def _dps_step_kernel(
         # One code path per stage, chosen per tensor at run time: registers are those of
         # the larger path, not of both (the flags would otherwise keep both alive).
         if stage_one:
-            _split_blocks(start, numel, offs, zero == 0, rst, snap, *args, PARAM_DTYPE, KIND,
-                          FREEZE, HF_LEGACY, HAS_SCALE, KIND == 2, EMULATE_RNE, BLOCK)
+            _split_blocks(start, numel, offs, zero == 0, rst, snap, *args, PARAM_DTYPE,
+                          MOMENT_DTYPE, KIND, FREEZE, HF_LEGACY, HAS_SCALE, KIND == 2,
+                          EMULATE_RNE, BLOCK)
         else:
-            _split_blocks(start, numel, offs, zero != 0, rst, snap, *args, PARAM_DTYPE, KIND,
-                          FREEZE, HF_LEGACY, HAS_SCALE, False, EMULATE_RNE, BLOCK)
+            _split_blocks(start, numel, offs, zero != 0, rst, snap, *args, PARAM_DTYPE,
+                          MOMENT_DTYPE, KIND, FREEZE, HF_LEGACY, HAS_SCALE, False, EMULATE_RNE,
+                          BLOCK)
     else:
-        _split_blocks(start, numel, offs, s1, rst, snap, *args, PARAM_DTYPE, KIND, FREEZE,
-                      HF_LEGACY, HAS_SCALE, False, EMULATE_RNE, BLOCK)
+        _split_blocks(start, numel, offs, s1, rst, snap, *args, PARAM_DTYPE, MOMENT_DTYPE,
+                      KIND, FREEZE, HF_LEGACY, HAS_SCALE, False, EMULATE_RNE, BLOCK)
 
 
 @triton.jit
 def _split_blocks(start, numel, offs, s1, rst, snap, cols, key, keep_thr, inv_scale, w_ptr,
                   g_ptr, m_ptr, v_ptr, gam_ptr, fam_ptr, factor_ptr, thr_ptr, snap_ptr, beta1,
                   one_minus_beta1, beta2, one_minus_beta2, eps, decay, step_size, bias2_sqrt,
-                  PARAM_DTYPE: tl.constexpr, KIND: tl.constexpr, FREEZE: tl.constexpr,
+                  PARAM_DTYPE: tl.constexpr, MOMENT_DTYPE: tl.constexpr, KIND: tl.constexpr,
+                  FREEZE: tl.constexpr,
                   HF_LEGACY: tl.constexpr, HAS_SCALE: tl.constexpr, SNAPSHOT: tl.constexpr,
                   EMULATE_RNE: tl.constexpr, BLOCK: tl.constexpr):
     if start + BLOCK <= numel:
@@ -249,13 +254,15 @@ def _split_blocks(start, numel, offs, s1, rst, snap, cols, key, keep_thr, inv_sc
         _step_block(offs, tl.zeros_like(offs) == 0, s1, rst, snap, cols, key, keep_thr, inv_scale, w_ptr,
                     g_ptr, m_ptr, v_ptr, gam_ptr, fam_ptr, factor_ptr, thr_ptr, snap_ptr,
                     beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay, step_size,
-                    bias2_sqrt, PARAM_DTYPE, KIND, FREEZE, HF_LEGACY, HAS_SCALE, SNAPSHOT,
+                    bias2_sqrt, PARAM_DTYPE, MOMENT_DTYPE, KIND, FREEZE, HF_LEGACY, HAS_SCALE,
+                    SNAPSHOT,
                     EMULATE_RNE)
     else:
         _step_block(offs, offs < numel, s1, rst, snap, cols, key, keep_thr, inv_scale, w_ptr,
                     g_ptr, m_ptr, v_ptr, gam_ptr, fam_ptr, factor_ptr, thr_ptr, snap_ptr,
                     beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay, step_size,
-                    bias2_sqrt, PARAM_DTYPE, KIND, FREEZE, HF_LEGACY, HAS_SCALE, SNAPSHOT,
+                    bias2_sqrt, PARAM_DTYPE, MOMENT_DTYPE, KIND, FREEZE, HF_LEGACY, HAS_SCALE,
+                    SNAPSHOT,
                     EMULATE_RNE)
 
 
@@ -263,7 +270,8 @@ def _split_blocks(start, numel, offs, s1, rst, snap, cols, key, keep_thr, inv_sc
 def _step_block(offs, inb, s1, reset, snap, cols, key, keep_threshold, inv_scale,
                 w_ptr, g_ptr, m_ptr, v_ptr, gam_ptr, fam_ptr, factor_ptr, thr_ptr, snap_ptr,
                 beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay, step_size,
-                bias2_sqrt, PARAM_DTYPE: tl.constexpr, KIND: tl.constexpr,
+                bias2_sqrt, PARAM_DTYPE: tl.constexpr, MOMENT_DTYPE: tl.constexpr,
+                KIND: tl.constexpr,
                 FREEZE: tl.constexpr, HF_LEGACY: tl.constexpr, HAS_SCALE: tl.constexpr,
                 SNAPSHOT: tl.constexpr, EMULATE_RNE: tl.constexpr):
     """The step of the elements ``offs`` (``inb``: in bounds) of one tensor.
@@ -324,8 +332,8 @@ def _step_block(offs, inb, s1, reset, snap, cols, key, keep_threshold, inv_scale
         v = tl.where(update, v, v0)
     w_out = round_to(w, PARAM_DTYPE, EMULATE_RNE)
     tl.store(w_ptr + offs, w_out, mask=inb)
-    tl.store(m_ptr + offs, round_to(m, PARAM_DTYPE, EMULATE_RNE), mask=inb)
-    tl.store(v_ptr + offs, round_to(v, PARAM_DTYPE, EMULATE_RNE), mask=inb)
+    tl.store(m_ptr + offs, round_to(m, MOMENT_DTYPE, EMULATE_RNE), mask=inb)
+    tl.store(v_ptr + offs, round_to(v, MOMENT_DTYPE, EMULATE_RNE), mask=inb)
     if SNAPSHOT:
         # Capturable Mix: W' = W after the last Stage I step, written here.
         tl.store(snap_ptr + offs, w_out, mask=inb & snap)
@@ -438,8 +446,10 @@ def _check_entry(entry, mode: str, capturable: bool, device, stage: int = 0) -> 
         if x.shape != p.shape or not x.is_contiguous() or x.device != device:
             raise ValueError(f"{name}: {label} must be contiguous, on {device}, shaped like "
                              f"the param")
-        if x.dtype != p.dtype:
-            raise ValueError(f"{name}: moments must have the param dtype {p.dtype}")
+        if x.dtype not in (p.dtype, torch.float32) or x.dtype != entry.exp_avg.dtype:
+            raise ValueError(f"{name}: moments must both have the param dtype {p.dtype} or "
+                             f"both be fp32, got {entry.exp_avg.dtype} and "
+                             f"{entry.exp_avg_sq.dtype}")
     from ...step_types import MAX_TENSOR_ELEMENTS
     if p.numel() > MAX_TENSOR_ELEMENTS:
         raise ValueError(f"{name}: more than {MAX_TENSOR_ELEMENTS} elements")
@@ -524,19 +534,21 @@ class FusedStep:
         self._launch(plan, grad_table, scalars, t, reset, gs.keep_threshold,
                      gs.hyper if gs.capturable else dummy, gs.update_steps,
                      gs.grad_scale, gs.found_inf if gs.capturable else None, dummy,
-                     entries[0].param.dtype, grads[0].dtype, kind, stage, gs.freeze,
+                     entries[0].param.dtype, entries[0].exp_avg.dtype, grads[0].dtype, kind,
+                     stage, gs.freeze,
                      gs.adamw_style == "hf_legacy", True, plan.aligned)
 
     @staticmethod
     def _launch(plan, grad_table, scalars, t, reset, keep_threshold, hyper, update_steps,
-                grad_scale, found_inf, dummy, pdtype, gdtype, kind, stage, freeze, hf_legacy,
-                derive_key, aligned):
+                grad_scale, found_inf, dummy, pdtype, mdtype, gdtype, kind, stage, freeze,
+                hf_legacy, derive_key, aligned):
         _dps_step_kernel[plan.layout.grid](
             plan.addr, grad_table, plan.meta, plan.layout.block_tensor, plan.layout.block_start,
             *scalars, t, reset, keep_threshold, hyper, update_steps,
             dummy if grad_scale is None else grad_scale,
             dummy if found_inf is None else found_inf,
-            PARAM_DTYPE=TORCH_TO_TL[pdtype], GRAD_DTYPE=TORCH_TO_TL[gdtype], KIND=kind,
+            PARAM_DTYPE=TORCH_TO_TL[pdtype], MOMENT_DTYPE=TORCH_TO_TL[mdtype],
+            GRAD_DTYPE=TORCH_TO_TL[gdtype], KIND=kind,
             STAGE=stage, FREEZE=bool(freeze), HF_LEGACY=hf_legacy, DERIVE_KEY=derive_key,
             HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
             ALIGNED=aligned, EMULATE_RNE=interpreter_enabled(), BLOCK=BLOCK,
@@ -550,10 +562,11 @@ class FusedStep:
         for task in tasks:
             if task.param.numel() == 0:
                 continue
-            key = (task.param.device, task.param.dtype, task.grad.dtype, task.kind,
-                   task.scalars, bool(task.reset), task.keep_threshold)
+            key = (task.param.device, task.param.dtype, task.exp_avg.dtype, task.grad.dtype,
+                   task.kind, task.scalars, bool(task.reset), task.keep_threshold)
             groups.setdefault(key, []).append(task)
-        for (device, pdtype, gdtype, kind, scalars, reset, keep_thr), group in groups.items():
+        for (device, pdtype, mdtype, gdtype, kind, scalars, reset, keep_thr), group in \
+                groups.items():
             entries = [_TaskEntry(task, i) for i, task in enumerate(group)]
             plan_key = (device, kind) + tuple(
                 (t.cols, t.param.numel(), t.mix_key, *(0 if x is None else x.data_ptr() for x in
@@ -579,7 +592,8 @@ class FusedStep:
                          (s.beta1, 1.0 - s.beta1, s.beta2, 1.0 - s.beta2, s.eps, s.decay,
                           s.step_size, s.bias2_sqrt), 0, int(reset), keep_thr,
                          self._dummy(device), 1, None, None, self._dummy(device), pdtype,
-                         gdtype, code, stage, freeze, s.decay_after, False, plan.aligned)
+                         mdtype, gdtype, code, stage, freeze, s.decay_after, False,
+                         plan.aligned)
 
 
 class _TaskEntry:
