@@ -85,6 +85,9 @@ class DPSAdamW(torch.optim.Optimizer):
             the same arguments and a whole training step can be captured in a CUDA graph.
             Triton backend only. GradScaler's scale and inf flag are then consumed in-kernel
             without a host sync. See ``docs/capturable.md``.
+        fp32_moments: keep ``exp_avg``/``exp_avg_sq`` in fp32 for 16-bit parameters (+4 B
+            per parameter for bf16/fp16 over torch's AdamW, which keeps them in the
+            parameter's dtype); recommended for fp16 parameters. No effect on fp32 ones.
     """
 
     @property
@@ -96,7 +99,8 @@ class DPSAdamW(torch.optim.Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
                  mode="dense", p=0.3, total_steps=None, update_ratio=None, update_steps=None,
-                 freeze=False, adamw_style="torch", seed=0, backend="auto", capturable=False):
+                 freeze=False, adamw_style="torch", seed=0, backend="auto", capturable=False,
+                 fp32_moments=False):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if adamw_style not in ref.ADAMW_STYLES:
@@ -112,6 +116,9 @@ class DPSAdamW(torch.optim.Optimizer):
             if reason is not None:
                 raise RuntimeError(f"backend={backend!r} is not available here: {reason}")
         self.capturable = capturable
+        if not isinstance(fp32_moments, bool):
+            raise TypeError(f"fp32_moments must be a bool, got {fp32_moments!r}")
+        self.fp32_moments = fp32_moments
         self.mode = mode
         self.update_steps = resolve_update_steps(total_steps, update_ratio, update_steps)
         self.adamw_style = adamw_style
@@ -127,6 +134,12 @@ class DPSAdamW(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, p=p,
                         freeze=freeze, dps=True, capturable=capturable)
         super().__init__(params, defaults)
+        if not fp32_moments and any(p.dtype == torch.float16 for g in self.param_groups
+                                    for p in g["params"]):
+            warnings.warn("dps_kernels: fp16 parameters keep fp16 moments, whose exp_avg_sq "
+                          "underflows to 0 for small gradients and can blow the weights up "
+                          "(as with torch.optim.AdamW on fp16 parameters); pass "
+                          "fp32_moments=True to keep the moments in fp32", stacklevel=2)
         if mode == "mix":
             # W0 is the weight when the optimizer is built; the first forward needs it.
             for group in self.param_groups:
@@ -204,8 +217,13 @@ class DPSAdamW(torch.optim.Optimizer):
             return state
         state["step"] = (torch.zeros((), dtype=torch.float32, device=param.device)
                          if self.capturable else 0)
-        state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        # fp32_moments: 16-bit parameters keep fp32 moments (an fp16 exp_avg_sq underflows
+        # to 0 long before exp_avg does, and the step m / (sqrt(0) + eps) then explodes).
+        moments = torch.float32 if self.fp32_moments else param.dtype
+        state["exp_avg"] = torch.zeros_like(param, dtype=moments,
+                                            memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(param, dtype=moments,
+                                               memory_format=torch.preserve_format)
         if group["dps"]:
             state["gam"] = torch.zeros_like(param, dtype=torch.float32,
                                             memory_format=torch.contiguous_format)
@@ -550,7 +568,8 @@ class DPSAdamW(torch.optim.Optimizer):
         params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
         for saved_id, param in zip(saved_ids, params):
             saved_state = state_dict["state"].get(saved_id, {})
-            for key in FP32_STATE_KEYS:
+            for key in FP32_STATE_KEYS + (("exp_avg", "exp_avg_sq") if self.fp32_moments
+                                          else ()):
                 if key in saved_state:
                     self.state[param][key] = saved_state[key].to(device=param.device,
                                                                  dtype=torch.float32, copy=True)
