@@ -14,7 +14,8 @@ import sys
 from setuptools import find_packages, setup
 
 CPU_EXT_SOURCES = ["csrc/bindings.cpp", "csrc/dps_step.cpp", "csrc/dps_select.cpp",
-                   "csrc/dps_mix.cpp", "csrc/dispatch.cpp", "csrc/span_kernels_default.cpp",
+                   "csrc/dps_mix.cpp", "csrc/dps_mask_bits.cpp", "csrc/dispatch.cpp",
+                   "csrc/span_kernels_default.cpp",
                    "csrc/span_kernels_avx2.cpp", "csrc/span_kernels_avx512.cpp"]
 # Same flags as the JIT build in dps_kernels/backends/cpu_backend.py (see the reasons there).
 CPU_EXT_CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math",

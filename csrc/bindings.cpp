@@ -34,7 +34,7 @@ TORCH_LIBRARY(dps_cpu, m) {
   m.def(
       "fused_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] gams, Tensor(e!)[] fams, Tensor[] thresholds, "
-      "Tensor[] column_factors, int[] kinds, int[] flags, int[] mix_keys, "
+      "Tensor[] column_factors, Tensor[] mask_bits, int[] kinds, int[] flags, int[] mix_keys, "
       "int[] keep_thresholds, int[] cols, float[] scalars, bool freeze) -> ()");
   m.def(
       "select_threshold(Tensor gam, Tensor? column_factor, int k, str method=\"radix\") "
@@ -42,10 +42,11 @@ TORCH_LIBRARY(dps_cpu, m) {
   m.def(
       "mix_weight(Tensor weight, Tensor anchor, int cols, int? column_key, int keep_threshold, "
       "Tensor? gam, Tensor? column_factor, Tensor? threshold, float p, "
-      "ScalarType? out_dtype=None) -> Tensor");
+      "ScalarType? out_dtype=None, Tensor? mask_bits=None) -> Tensor");
   m.def(
       "mix_grad(Tensor grad, int cols, int? column_key, int keep_threshold, Tensor? gam, "
-      "Tensor? column_factor, Tensor? threshold) -> Tensor");
+      "Tensor? column_factor, Tensor? threshold, Tensor? mask_bits=None) -> Tensor");
+  m.def("pack_mask(Tensor gam, Tensor? column_factor, Tensor threshold) -> Tensor");
   // Tensor-free ops: registered as catch-all kernels.
   m.def("abi_version() -> int", &abi_version);
   m.def("isa() -> str", &isa);
@@ -58,6 +59,7 @@ TORCH_LIBRARY_IMPL(dps_cpu, CPU, m) {
   m.impl("select_threshold", &dps::select_threshold);
   m.impl("mix_weight", &dps::mix_weight);
   m.impl("mix_grad", &dps::mix_grad);
+  m.impl("pack_mask", &dps::pack_mask);
 }
 
 #ifndef TORCH_EXTENSION_NAME

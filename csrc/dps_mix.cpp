@@ -1,9 +1,10 @@
 // dps_cpu::mix_weight and dps_cpu::mix_grad: the Mix forward weight and backward mask.
 //
 // The mask is never materialised: Stage I evaluates the column hash once per column into
-// a small keep vector; Stage II evaluates GAM * factor[col] >= thr per element. Traffic:
-// mix_weight reads W and A (+ GAM in Stage II) and writes the result; mix_grad reads the
-// gradient (+ GAM) and writes the masked gradient.
+// a small keep vector; Stage II evaluates GAM * factor[col] >= thr per element, or reads
+// it from the packed subnetwork (mask_bits, 1 bit per element). Traffic: mix_weight reads
+// W and A (+ GAM or the bits in Stage II) and writes the result; mix_grad reads the
+// gradient (+ GAM or the bits) and writes the masked gradient.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -18,6 +19,7 @@ namespace {
 struct MaskArgs {
   std::vector<float> keep;  // Stage I
   at::Tensor gam, factor;   // Stage II
+  const uint32_t* bits = nullptr;  // Stage II, packed (then gam/factor/threshold unused)
   float threshold = 0.0f;
   bool stage_two = false;
 };
@@ -26,7 +28,8 @@ MaskArgs mask_args(const char* op, const at::Tensor& like, int64_t cols,
                    std::optional<int64_t> column_key, int64_t keep_threshold,
                    const std::optional<at::Tensor>& gam,
                    const std::optional<at::Tensor>& column_factor,
-                   const std::optional<at::Tensor>& threshold) {
+                   const std::optional<at::Tensor>& threshold,
+                   const std::optional<at::Tensor>& mask_bits) {
   const int64_t n = like.numel();
   TORCH_CHECK(cols >= 1 && n % cols == 0, op, ": cols must be >= 1 and divide the ", n,
               " elements, got ", cols);
@@ -37,6 +40,11 @@ MaskArgs mask_args(const char* op, const at::Tensor& like, int64_t cols,
     TORCH_CHECK(keep_threshold >= 0 && keep_threshold <= (1LL << 24), op,
                 ": keep_threshold must be in [0, 2**24], got ", keep_threshold);
     m.keep = column_keep_vector(*column_key, keep_threshold, cols);
+    return m;
+  }
+  if (mask_bits.has_value()) {
+    m.bits = mask_bits_ptr(*mask_bits, n, op, "mask_bits");
+    m.stage_two = true;
     return m;
   }
   TORCH_CHECK(gam.has_value() && column_factor.has_value() && threshold.has_value(), op,
@@ -71,9 +79,25 @@ template <typename K>
 void run_mix(const MaskArgs& m, MixSpan base, int64_t n, int64_t cols, int64_t in_size,
              int64_t out_size, const K& kernel) {
   base.stage_two = m.stage_two;
+  base.threshold = m.threshold;
+  base.bits = m.bits;
+  if (m.bits != nullptr) {
+    // The packed mask is indexed by the flat element index: no row segments needed.
+    base.gam = nullptr;
+    base.column = nullptr;
+    at::parallel_for(0, n, kChunk, [&](int64_t begin, int64_t end) {
+      MixSpan a = base;
+      a.weight = static_cast<const char*>(base.weight) + begin * in_size;
+      if (base.anchor) a.anchor = static_cast<const char*>(base.anchor) + begin * in_size;
+      a.out = static_cast<char*>(base.out) + begin * out_size;
+      a.bit0 = begin;
+      a.len = end - begin;
+      kernel(a);
+    });
+    return;
+  }
   base.gam = m.stage_two ? m.gam.data_ptr<float>() : nullptr;
   base.column = m.stage_two ? m.factor.data_ptr<float>() : m.keep.data();
-  base.threshold = m.threshold;
   at::parallel_for(0, n, kChunk, [&](int64_t begin, int64_t end) {
     for_row_segments(begin, end, cols, [&](int64_t s, int64_t len, int64_t c0) {
       MixSpan a = base;
@@ -95,7 +119,8 @@ at::Tensor mix_weight(const at::Tensor& weight, const at::Tensor& anchor, int64_
                       const std::optional<at::Tensor>& gam,
                       const std::optional<at::Tensor>& column_factor,
                       const std::optional<at::Tensor>& threshold, double p,
-                      std::optional<at::ScalarType> out_dtype) {
+                      std::optional<at::ScalarType> out_dtype,
+                      const std::optional<at::Tensor>& mask_bits) {
   const char* op = "dps_cpu.mix_weight";
   check_value(op, "weight", weight);
   check_value(op, "anchor", anchor);
@@ -108,7 +133,7 @@ at::Tensor mix_weight(const at::Tensor& weight, const at::Tensor& anchor, int64_
   TORCH_CHECK(odt == at::kFloat || odt == at::kBFloat16, op,
               ": out_dtype must be float32 or bfloat16, got ", odt);
   const MaskArgs m = mask_args(op, weight, cols, column_key, keep_threshold, gam, column_factor,
-                               threshold);
+                               threshold, mask_bits);
   const at::Tensor w = weight.contiguous(), a = anchor.contiguous();
   at::Tensor out = at::empty(weight.sizes(), weight.options().dtype(odt));
   MixSpan base{};
@@ -128,11 +153,12 @@ at::Tensor mix_weight(const at::Tensor& weight, const at::Tensor& anchor, int64_
 at::Tensor mix_grad(const at::Tensor& grad, int64_t cols, std::optional<int64_t> column_key,
                     int64_t keep_threshold, const std::optional<at::Tensor>& gam,
                     const std::optional<at::Tensor>& column_factor,
-                    const std::optional<at::Tensor>& threshold) {
+                    const std::optional<at::Tensor>& threshold,
+                    const std::optional<at::Tensor>& mask_bits) {
   const char* op = "dps_cpu.mix_grad";
   check_value(op, "grad", grad);
   const MaskArgs m = mask_args(op, grad, cols, column_key, keep_threshold, gam, column_factor,
-                               threshold);
+                               threshold, mask_bits);
   const at::Tensor g = grad.contiguous();
   at::Tensor out = at::empty(grad.sizes(), g.options());
   MixSpan base{};

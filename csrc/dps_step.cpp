@@ -27,7 +27,8 @@ std::vector<float> column_keep_vector(int64_t key, int64_t keep_threshold, int64
 namespace {
 
 constexpr int kScalarsPerTensor = 6;  // beta1, beta2, eps, decay, step_size, bias2_sqrt
-constexpr int64_t kFlagReset = 1, kFlagDecayAfter = 2;
+// kFlagMaskBits: mask_bits[i] holds the packed Stage II subnetwork, read instead of GAM.
+constexpr int64_t kFlagReset = 1, kFlagDecayAfter = 2, kFlagMaskBits = 4;
 
 const char* kind_name(int64_t kind) {
   static const char* names[] = {"PLAIN", "DENSE_STAGE1", "DENSE_STAGE2", "MIX_STAGE1",
@@ -57,7 +58,8 @@ void check_fp32(const at::Tensor& t, const char* what, size_t i, int64_t numel) 
 void fused_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                 at::TensorList exp_avg_sqs, at::TensorList gams, at::TensorList fams,
                 at::TensorList thresholds, at::TensorList column_factors,
-                at::IntArrayRef kinds, at::IntArrayRef flags, at::IntArrayRef mix_keys,
+                at::TensorList mask_bits, at::IntArrayRef kinds, at::IntArrayRef flags,
+                at::IntArrayRef mix_keys,
                 at::IntArrayRef keep_thresholds, at::IntArrayRef cols,
                 at::ArrayRef<double> scalars, bool freeze) {
   const size_t n = params.size();
@@ -65,7 +67,8 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
       {"grads", grads.size()},          {"exp_avgs", exp_avgs.size()},
       {"exp_avg_sqs", exp_avg_sqs.size()}, {"gams", gams.size()},
       {"fams", fams.size()},            {"thresholds", thresholds.size()},
-      {"column_factors", column_factors.size()}, {"kinds", kinds.size()},
+      {"column_factors", column_factors.size()}, {"mask_bits", mask_bits.size()},
+      {"kinds", kinds.size()},
       {"flags", flags.size()},          {"mix_keys", mix_keys.size()},
       {"keep_thresholds", keep_thresholds.size()}, {"cols", cols.size()}};
   for (const auto& [name, size] : lists) {
@@ -116,8 +119,12 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
     const bool reset = flags[i] & kFlagReset;
     const bool decay_after = flags[i] & kFlagDecayAfter;
     const bool mix = kind == KIND_MIX_STAGE1 || kind == KIND_MIX_STAGE2;
-    const bool uses_threshold = kind == KIND_DENSE_STAGE2 || (kind == KIND_MIX_STAGE2 && freeze);
-    const bool uses_gam = kind != KIND_PLAIN && !(kind == KIND_MIX_STAGE2 && !freeze);
+    const bool stage_two_mask = kind == KIND_DENSE_STAGE2 || (kind == KIND_MIX_STAGE2 && freeze);
+    // The packed subnetwork replaces GAM (and the factor, the threshold) in Stage II.
+    const bool uses_bits = stage_two_mask && (flags[i] & kFlagMaskBits);
+    const bool uses_threshold = stage_two_mask && !uses_bits;
+    const bool uses_gam =
+        kind != KIND_PLAIN && !(kind == KIND_MIX_STAGE2 && !freeze) && !uses_bits;
 
     StepSpan& s = spans[i];
     s.kind = static_cast<int>(kind);
@@ -133,7 +140,14 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
     s.gam = nullptr;
     s.column = nullptr;
     s.threshold = 0.0f;
+    s.bits = nullptr;
+    s.bit0 = 0;
     s.len = numel;
+    if (flags[i] & kFlagMaskBits) {
+      const uint32_t* bits = mask_bits_ptr(mask_bits[i], numel, "dps_cpu.fused_step",
+                                           "mask_bits");
+      if (uses_bits) s.bits = bits;
+    }
     if (uses_gam) {
       check_fp32(gams[i], "gams", i, numel);
       s.gam = gams[i].data_ptr<float>();
@@ -163,7 +177,7 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
       // Without freeze the keep-mask only feeds FAM; the elements need no column walk.
       if (freeze) s.column = keeps[i].data();
     }
-    if (kind == KIND_MIX_STAGE2 && freeze) {
+    if (kind == KIND_MIX_STAGE2 && freeze && !uses_bits) {
       check_fp32(column_factors[i], "column_factors", i, cols[i]);
       s.column = column_factors[i].data_ptr<float>();
     }
@@ -212,6 +226,7 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
         s.exp_avg_sq = static_cast<char*>(base.exp_avg_sq) + start * msize;
         if (base.gam) s.gam = base.gam + start;
         if (base.column) s.column = base.column + col0;
+        s.bit0 = start;  // the bits are indexed by the tensor's flat element index
         s.len = len;
         kernels.step(s);
       };

@@ -14,12 +14,13 @@ namespace dps {
 
 // Bumped whenever a schema in bindings.cpp changes; cpu_backend.py refuses a prebuilt
 // library whose version differs (a stale in-place build) instead of crashing on it.
-constexpr int64_t kAbiVersion = 1;
+constexpr int64_t kAbiVersion = 2;
 
 void fused_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                 at::TensorList exp_avg_sqs, at::TensorList gams, at::TensorList fams,
                 at::TensorList thresholds, at::TensorList column_factors,
-                at::IntArrayRef kinds, at::IntArrayRef flags, at::IntArrayRef mix_keys,
+                at::TensorList mask_bits, at::IntArrayRef kinds, at::IntArrayRef flags,
+                at::IntArrayRef mix_keys,
                 at::IntArrayRef keep_thresholds, at::IntArrayRef cols,
                 at::ArrayRef<double> scalars, bool freeze);
 
@@ -31,12 +32,24 @@ at::Tensor mix_weight(const at::Tensor& weight, const at::Tensor& anchor, int64_
                       const std::optional<at::Tensor>& gam,
                       const std::optional<at::Tensor>& column_factor,
                       const std::optional<at::Tensor>& threshold, double p,
-                      std::optional<at::ScalarType> out_dtype);
+                      std::optional<at::ScalarType> out_dtype,
+                      const std::optional<at::Tensor>& mask_bits);
 
 at::Tensor mix_grad(const at::Tensor& grad, int64_t cols, std::optional<int64_t> column_key,
                     int64_t keep_threshold, const std::optional<at::Tensor>& gam,
                     const std::optional<at::Tensor>& column_factor,
-                    const std::optional<at::Tensor>& threshold);
+                    const std::optional<at::Tensor>& threshold,
+                    const std::optional<at::Tensor>& mask_bits);
+
+// The Stage II subnetwork gam [* column_factor[col]] >= threshold packed into int32 words
+// (dps_kernels/mask_bits.py: element i is bit i % 32 of word i / 32, tail bits zero).
+at::Tensor pack_mask(const at::Tensor& gam, const std::optional<at::Tensor>& column_factor,
+                     const at::Tensor& threshold);
+
+// Checks that `bits` holds the packed mask of `n` elements (int32, ceil(n/32) words, CPU,
+// contiguous) and returns its words.
+const uint32_t* mask_bits_ptr(const at::Tensor& bits, int64_t n, const char* op,
+                              const char* what);
 
 // Elements per parallel work item: large enough that the per-item overhead vanishes
 // against ~30 bytes of traffic per element, small enough that many small tensors and a

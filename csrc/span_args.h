@@ -38,6 +38,11 @@ struct StepSpan {
   float* gam;
   const float* column;  // Mix Stage I keep (0/1), Mix Stage II score factor
   float threshold;
+  // The packed Stage II subnetwork (dps_kernels/mask_bits.py: element i is bit i % 32 of
+  // word i / 32) or nullptr. Indexed by the tensor's flat element index: element j of
+  // this span is element bit0 + j of the tensor, so spans may start anywhere.
+  const uint32_t* bits;
+  int64_t bit0;
   int64_t len;
   StepScalars s;
 };
@@ -49,6 +54,8 @@ struct MixSpan {
   void* out;
   const float* gam;
   const float* column;  // Stage I keep (0/1), Stage II score factor
+  const uint32_t* bits;  // Stage II packed subnetwork (see StepSpan), or nullptr
+  int64_t bit0;          // flat index of this span's first element in the tensor
   float threshold, p, one_minus_p;
   int64_t len;
 };

@@ -16,6 +16,12 @@
 //   DENSE_STAGE2:             + read GAM                          = 32 bytes
 //   DENSE/MIX_STAGE1:         + read and write GAM                = 36 bytes (24 on reset)
 //   MIX_STAGE2 with freeze:   + read GAM                          = 32 bytes
+//   either, with mask bits:   + read 1 bit instead of GAM         = 28.125 bytes
+//
+// The packed Stage II subnetwork (StepSpan/MixSpan::bits, layout of
+// dps_kernels/mask_bits.py) is expanded into 0/1 floats, kBitsBlock elements at a time, in
+// a small stack buffer (L1), which the vectorised loops then read like a keep column; an
+// element loop that extracted bits from memory itself stays scalar (a gather), 5x slower.
 #ifndef DPS_ISA
 #error "define DPS_ISA (the namespace of this instruction-set variant) before including"
 #endif
@@ -55,10 +61,32 @@ template <> struct Io<uint16_t> {  // bf16 storage
   static inline uint16_t store(float x) { return f32_to_bf16(x); }
 };
 
+// Elements per expansion of the packed mask (a 2 KB stack buffer of floats).
+constexpr int64_t kBitsBlock = 512;
+
+// out[j] = bit e0 + j of the packed mask as 0.0f / 1.0f, j < len (<= kBitsBlock). Whole
+// words go through a 32-lane loop with a loop-invariant word (vectorised variable shifts).
+static inline void expand_bits(const uint32_t* bits, int64_t e0, int64_t len, float* out) {
+  int64_t j = 0;
+  for (; j < len && ((e0 + j) & 31) != 0; ++j) {
+    out[j] = static_cast<float>((bits[(e0 + j) >> 5] >> ((e0 + j) & 31)) & 1u);
+  }
+  for (; j + 32 <= len; j += 32) {
+    const uint32_t word = bits[(e0 + j) >> 5];
+    for (int b = 0; b < 32; ++b) out[j + b] = static_cast<float>((word >> b) & 1u);
+  }
+  for (; j < len; ++j) {
+    out[j] = static_cast<float>((bits[(e0 + j) >> 5] >> ((e0 + j) & 31)) & 1u);
+  }
+}
+
 // KIND values are the StepKind codes of span_args.h. FREEZE only matters for kinds
 // with a mask; RESET only for the Stage I kinds. G is the gradient's storage (the
 // param's, or fp32 gradients on bf16 parameters), M the moments' (the param's, or fp32).
-template <typename T, typename G, typename M, int KIND, bool FREEZE, bool RESET>
+// BITS (Stage II kinds with a mask): a.column holds the expanded mask bits (0/1 per
+// element, see step_span_bits) and GAM is not read.
+template <typename T, typename G, typename M, int KIND, bool FREEZE, bool RESET,
+          bool BITS = false>
 static void step_span_t(const StepSpan& a) {
   T* __restrict__ w = static_cast<T*>(a.param);
   const G* __restrict__ g = static_cast<const G*>(a.grad);
@@ -84,9 +112,13 @@ static void step_span_t(const StepSpan& a) {
       gam[j] = RESET ? sq : gam[j] + sq;
     }
     bool sel = true;
-    if constexpr (KIND == KIND_DENSE_STAGE2) sel = gam[j] >= thr;
+    if constexpr (BITS) {
+      sel = col[j] != 0.0f;
+    } else {
+      if constexpr (KIND == KIND_DENSE_STAGE2) sel = gam[j] >= thr;
+      if constexpr (KIND == KIND_MIX_STAGE2 && FREEZE) sel = gam[j] * col[j] >= thr;
+    }
     if constexpr (KIND == KIND_MIX_STAGE1 && FREEZE) sel = col[j] != 0.0f;
-    if constexpr (KIND == KIND_MIX_STAGE2 && FREEZE) sel = gam[j] * col[j] >= thr;
     // Dense gradient masking multiplies (as reference.mix_grad does) rather than selects,
     // so a NaN/inf gradient outside the mask propagates the same way.
     if constexpr (KIND == KIND_DENSE_STAGE2 && !FREEZE) gj = gj * (sel ? 1.0f : 0.0f);
@@ -109,6 +141,26 @@ static void step_span_t(const StepSpan& a) {
   }
 }
 
+// A Stage II step whose mask comes from the packed bits: kBitsBlock elements at a time,
+// expand the bits of element a.bit0 + j0 on, then run the element loop over them.
+template <typename T, typename G, typename M, int KIND, bool FREEZE>
+static void step_span_bits(const StepSpan& a) {
+  float keep[kBitsBlock];
+  for (int64_t j0 = 0; j0 < a.len; j0 += kBitsBlock) {
+    const int64_t len = a.len - j0 < kBitsBlock ? a.len - j0 : kBitsBlock;
+    expand_bits(a.bits, a.bit0 + j0, len, keep);
+    StepSpan s = a;
+    s.param = static_cast<T*>(a.param) + j0;
+    s.grad = static_cast<const G*>(a.grad) + j0;
+    s.exp_avg = static_cast<M*>(a.exp_avg) + j0;
+    s.exp_avg_sq = static_cast<M*>(a.exp_avg_sq) + j0;
+    s.gam = nullptr;
+    s.column = keep;
+    s.len = len;
+    step_span_t<T, G, M, KIND, FREEZE, false, true>(s);
+  }
+}
+
 template <typename T, typename G, typename M>
 static void step_span_dtype(const StepSpan& a) {
   // Kinds whose freeze/non-freeze loops coincide share one instantiation: Mix Stage I
@@ -120,6 +172,10 @@ static void step_span_dtype(const StepSpan& a) {
       return a.reset ? step_span_t<T, G, M, KIND_DENSE_STAGE1, false, true>(a)
                      : step_span_t<T, G, M, KIND_DENSE_STAGE1, false, false>(a);
     case KIND_DENSE_STAGE2:
+      if (a.bits != nullptr) {
+        return a.freeze ? step_span_bits<T, G, M, KIND_DENSE_STAGE2, true>(a)
+                        : step_span_bits<T, G, M, KIND_DENSE_STAGE2, false>(a);
+      }
       return a.freeze ? step_span_t<T, G, M, KIND_DENSE_STAGE2, true, false>(a)
                       : step_span_t<T, G, M, KIND_DENSE_STAGE2, false, false>(a);
     case KIND_MIX_STAGE1:
@@ -130,6 +186,9 @@ static void step_span_dtype(const StepSpan& a) {
       return a.reset ? step_span_t<T, G, M, KIND_MIX_STAGE1, true, true>(a)
                      : step_span_t<T, G, M, KIND_MIX_STAGE1, true, false>(a);
     case KIND_MIX_STAGE2:
+      if (a.freeze && a.bits != nullptr) {
+        return step_span_bits<T, G, M, KIND_MIX_STAGE2, true>(a);
+      }
       return a.freeze ? step_span_t<T, G, M, KIND_MIX_STAGE2, true, false>(a)
                       : step_span_t<T, G, M, KIND_PLAIN, false, false>(a);
   }
@@ -175,9 +234,31 @@ static void mix_weight_span_t(const MixSpan& a) {
   }
 }
 
+// Stage II from the packed bits: the expanded bits are a per-element keep column, so the
+// keep-column loop (STAGE_TWO false: mk = column[j]) computes it, kBitsBlock at a time.
+template <typename K>
+static void mix_span_bits(const MixSpan& a, int64_t in_size, int64_t out_size, const K& loop) {
+  float keep[kBitsBlock];
+  for (int64_t j0 = 0; j0 < a.len; j0 += kBitsBlock) {
+    const int64_t len = a.len - j0 < kBitsBlock ? a.len - j0 : kBitsBlock;
+    expand_bits(a.bits, a.bit0 + j0, len, keep);
+    MixSpan s = a;
+    s.weight = static_cast<const char*>(a.weight) + j0 * in_size;
+    if (a.anchor) s.anchor = static_cast<const char*>(a.anchor) + j0 * in_size;
+    s.out = static_cast<char*>(a.out) + j0 * out_size;
+    s.gam = nullptr;
+    s.column = keep;
+    s.stage_two = false;
+    s.len = len;
+    loop(s);
+  }
+}
+
 template <typename T, typename O>
 static void mix_weight_span_o(const MixSpan& a) {
-  if (a.stage_two) {
+  if (a.bits != nullptr) {
+    mix_span_bits(a, sizeof(T), sizeof(O), mix_weight_span_t<T, O, false>);
+  } else if (a.stage_two) {
     mix_weight_span_t<T, O, true>(a);
   } else {
     mix_weight_span_t<T, O, false>(a);
@@ -215,7 +296,10 @@ static void mix_grad_span_t(const MixSpan& a) {
 }
 
 void mix_grad_span(const MixSpan& a) {
-  if (a.bf16) {
+  if (a.bits != nullptr) {
+    if (a.bf16) mix_span_bits(a, 2, 2, mix_grad_span_t<uint16_t, false>);
+    else mix_span_bits(a, 4, 4, mix_grad_span_t<float, false>);
+  } else if (a.bf16) {
     if (a.stage_two) mix_grad_span_t<uint16_t, true>(a);
     else mix_grad_span_t<uint16_t, false>(a);
   } else {

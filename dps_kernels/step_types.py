@@ -12,6 +12,13 @@ MIX_STAGE1     m = column keep-mask of (mix_key, keep_threshold);  GAM = (0|GAM)
                FAM[col] = (0|FAM[col]) + m[col] (once per column);  AdamW(g), freeze: where m
 MIX_STAGE2     AdamW(g) (g was masked in backward); freeze: only where GAM*factor[col] >= thr
 =============  ==========================================================================
+
+``mask_bits`` (optional, int32 words in the layout of ``dps_kernels/mask_bits.py``): the
+Stage II subnetwork ``M`` packed once at the selection. When set, DENSE_STAGE2 and
+MIX_STAGE2 (freeze), and the Stage II Mix weight/gradient, read ``M`` from these bits
+instead of recomputing it from GAM (and the factor and the threshold), which they then do
+not read at all. The bits must equal ``pack_mask`` of the current GAM/factor/threshold;
+the result is then bit-identical to the GAM path.
 """
 from __future__ import annotations
 
@@ -56,6 +63,7 @@ class TensorStep:
     mix_key: int = 0                         # Mix Stage I hash prefix (mask_hash.step_key)
     keep_threshold: int = 0                  # Mix Stage I (mask_hash.keep_threshold)
     cols: int = 1                            # mask columns (mask_hash.columns_of)
+    mask_bits: Optional[torch.Tensor] = None  # int32 [ceil(n/32)], packed M (Stage II)
 
 
 @dataclass(frozen=True)
@@ -63,7 +71,9 @@ class MixMask:
     """The mask of a Mix forward/backward, never materialised by fused backends.
 
     Stage I: ``column_key``/``keep_threshold`` give the column keep-mask of the step.
-    Stage II: ``gam``/``column_factor``/``threshold`` give ``GAM * factor[col] >= thr``.
+    Stage II: ``gam``/``column_factor``/``threshold`` give ``GAM * factor[col] >= thr``,
+    or ``mask_bits`` (int32 words, ``dps_kernels/mask_bits.py``) give it packed; with
+    ``mask_bits`` the other three are not read.
     Capturable (``device_step`` set): the stage, the key and the anchor are decided on the
     device from the parameter's step counter, so every call launches the same kernel with
     the same arguments; ``key_base`` (``mask_hash.key_base``), ``keep_threshold``, ``gam``,
@@ -80,6 +90,7 @@ class MixMask:
     key_base: int = 0
     update_steps: int = 0
     stage_anchor: Optional[torch.Tensor] = None  # W' (capturable: picked on the device)
+    mask_bits: Optional[torch.Tensor] = None     # int32 [ceil(n/32)], packed M (Stage II)
 
     @property
     def stage_one(self) -> bool:
@@ -106,6 +117,7 @@ class TensorEntry:
     stage_anchor: Optional[torch.Tensor] = None  # W' (capturable Mix: written in-kernel)
     device_step: Optional[torch.Tensor] = None   # 0-d fp32 step counter (capturable)
     key_base: int = 0                             # mask_hash.key_base(seed, index)
+    mask_bits: Optional[torch.Tensor] = None      # int32 [ceil(n/32)], packed M (Stage II)
 
 
 @dataclass

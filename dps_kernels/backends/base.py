@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from ..mask_bits import check_mask_bits, pack_subnetwork
 from ..mask_hash import hash32
 from ..step_types import GroupStep, MixMask, StepKind, TensorStep  # noqa: F401  (re-exported)
 
@@ -45,7 +46,8 @@ class Backend:
                               group.scalars, gam=entry.gam, reset=group.reset,
                               threshold=entry.threshold, fam=entry.fam,
                               column_factor=entry.column_factor,
-                              keep_threshold=group.keep_threshold, cols=entry.cols)
+                              keep_threshold=group.keep_threshold, cols=entry.cols,
+                              mask_bits=entry.mask_bits)
             if kind is StepKind.MIX_STAGE1:
                 task.mix_key = hash32(entry.key_base ^ group.t)
             tasks.append(task)
@@ -69,6 +71,17 @@ class Backend:
             dst.copy_(thr)
         return out
 
+    def pack_mask(self, gam: torch.Tensor, column_factor: Optional[torch.Tensor],
+                  threshold: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The Stage II subnetwork ``score >= threshold`` packed into int32 words, in the
+        layout of ``dps_kernels/mask_bits.py`` (the same bits on every backend); ``score`` is
+        ``gam`` (Dense, ``column_factor`` None) or ``gam * column_factor[col]`` (Mix).
+        With ``out`` (int32, ``ceil(n/32)`` words) the words are written there, in place.
+        This default is the reference."""
+        if out is not None:
+            check_mask_bits(out, gam.numel(), "out", gam.device)
+        return write_out(pack_subnetwork(gam, column_factor, threshold), out)
+
     def mix_weight(self, weight: torch.Tensor, anchor: torch.Tensor, mask: MixMask, p: float,
                    out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         raise NotImplementedError
@@ -79,3 +92,12 @@ class Backend:
     def supports(self, tensor: torch.Tensor) -> Optional[str]:
         """None if this backend can work on ``tensor``, else the reason it cannot."""
         return None
+
+
+def write_out(words: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
+    """``words``, or ``out`` (already checked) after copying them in (``pack_mask(out=)``)."""
+    if out is None:
+        return words
+    out.copy_(words)
+    return out
+

@@ -28,15 +28,17 @@ from typing import Optional
 
 import torch
 
+from ..mask_bits import check_mask_bits
 from ..step_types import MixMask, StepKind, TensorStep
-from .base import Backend
+from .base import Backend, write_out
 
 # Must equal dps::kAbiVersion in csrc/ops.h.
-ABI_VERSION = 1
+ABI_VERSION = 2
 PREBUILT_MODULE = "dps_kernels._cpu_ext"
 JIT_NAME = "dps_kernels_cpu_jit"
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
-SOURCES = ("bindings.cpp", "dps_step.cpp", "dps_select.cpp", "dps_mix.cpp", "dispatch.cpp",
+SOURCES = ("bindings.cpp", "dps_step.cpp", "dps_select.cpp", "dps_mix.cpp", "dps_mask_bits.cpp",
+           "dispatch.cpp",
            "span_kernels_default.cpp", "span_kernels_avx2.cpp", "span_kernels_avx512.cpp")
 # -ffp-contract=off: no fused multiply-adds, so every fp32 operation rounds like the
 # reference (torch's element-wise ops); -fno-math-errno lets sqrt vectorise and
@@ -134,8 +136,10 @@ _EMPTY = torch.empty(0)
 
 def _stage_two_args(mask: MixMask):
     if mask.stage_one:
-        return mask.column_key, mask.keep_threshold, None, None, None
-    return None, 0, mask.gam, mask.column_factor, mask.threshold
+        return mask.column_key, mask.keep_threshold, None, None, None, None
+    if mask.mask_bits is not None:   # the packed subnetwork: GAM, factor, threshold unread
+        return None, 0, None, None, None, mask.mask_bits
+    return None, 0, mask.gam, mask.column_factor, mask.threshold, None
 
 
 class CpuBackend(Backend):
@@ -144,7 +148,7 @@ class CpuBackend(Backend):
     def step(self, tasks: list[TensorStep], freeze: bool) -> None:
         if not tasks:
             return
-        params, grads, avgs, sqs, gams, fams, thrs, factors = ([] for _ in range(8))
+        params, grads, avgs, sqs, gams, fams, thrs, factors, bits = ([] for _ in range(9))
         kinds, flags, keys, keep_thrs, cols, scalars = ([] for _ in range(6))
         for t in tasks:
             params.append(t.param)
@@ -157,28 +161,36 @@ class CpuBackend(Backend):
             fams.append(t.fam if t.fam is not None else _EMPTY)
             thrs.append(t.threshold if t.threshold is not None else _EMPTY)
             factors.append(t.column_factor if t.column_factor is not None else _EMPTY)
+            bits.append(t.mask_bits if t.mask_bits is not None else _EMPTY)
             kinds.append(_KIND_CODES[t.kind])
             s = t.scalars
-            flags.append((1 if t.reset else 0) | (2 if s.decay_after else 0))
+            flags.append((1 if t.reset else 0) | (2 if s.decay_after else 0)
+                         | (4 if t.mask_bits is not None else 0))
             keys.append(t.mix_key)
             keep_thrs.append(t.keep_threshold)
             cols.append(t.cols)
             scalars += (s.beta1, s.beta2, s.eps, s.decay, s.step_size, s.bias2_sqrt)
-        torch.ops.dps_cpu.fused_step(params, grads, avgs, sqs, gams, fams, thrs, factors, kinds,
-                                     flags, keys, keep_thrs, cols, scalars, freeze)
+        torch.ops.dps_cpu.fused_step(params, grads, avgs, sqs, gams, fams, thrs, factors, bits,
+                                     kinds, flags, keys, keep_thrs, cols, scalars, freeze)
 
     def select_threshold(self, gam, column_factor, k, method: str = "radix"):
         """Exact k-th largest score; ``method`` is "radix" (default) or "nth_element"."""
         return torch.ops.dps_cpu.select_threshold(gam, column_factor, int(k), method)
 
+    def pack_mask(self, gam, column_factor, threshold, out=None):
+        """The packed subnetwork (``Backend.pack_mask``), parallel over words."""
+        if out is not None:
+            check_mask_bits(out, gam.numel(), "out", gam.device)
+        return write_out(torch.ops.dps_cpu.pack_mask(gam, column_factor, threshold), out)
+
     def mix_weight(self, weight, anchor, mask, p, out_dtype=None):
-        key, keep_thr, gam, factor, thr = _stage_two_args(mask)
+        key, keep_thr, gam, factor, thr, bits = _stage_two_args(mask)
         return torch.ops.dps_cpu.mix_weight(weight, anchor, mask.cols, key, keep_thr, gam, factor,
-                                            thr, float(p), out_dtype)
+                                            thr, float(p), out_dtype, bits)
 
     def mix_grad(self, grad, mask):
-        key, keep_thr, gam, factor, thr = _stage_two_args(mask)
-        return torch.ops.dps_cpu.mix_grad(grad, mask.cols, key, keep_thr, gam, factor, thr)
+        key, keep_thr, gam, factor, thr, bits = _stage_two_args(mask)
+        return torch.ops.dps_cpu.mix_grad(grad, mask.cols, key, keep_thr, gam, factor, thr, bits)
 
     def supports(self, tensor: torch.Tensor) -> Optional[str]:
         if tensor.device.type != "cpu":

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from .. import reference as ref
+from ..mask_bits import unpack_mask
 from ..mask_hash import column_keep_mask
 from ..step_types import MixMask, StepKind, TensorStep
 from .base import Backend
@@ -39,14 +40,20 @@ class TorchBackend(Backend):
             if freeze:
                 update_mask = keep.expand(task.param.numel() // task.cols, task.cols)
         elif kind is StepKind.DENSE_STAGE2:
-            selected = ref.selection_mask(task.gam, task.threshold)
+            if task.mask_bits is not None:   # the packed subnetwork: GAM is not read
+                selected = unpack_mask(task.mask_bits, task.param.shape)
+            else:
+                selected = ref.selection_mask(task.gam, task.threshold)
             if freeze:
                 update_mask = selected
             else:
                 grad = ref.mix_grad(grad, selected)
         elif kind is StepKind.MIX_STAGE2 and freeze:
-            score = ref.mix_score(task.gam, task.column_factor)
-            update_mask = ref.selection_mask(score, task.threshold)
+            if task.mask_bits is not None:
+                update_mask = unpack_mask(task.mask_bits, task.param.shape)
+            else:
+                score = ref.mix_score(task.gam, task.column_factor)
+                update_mask = ref.selection_mask(score, task.threshold)
         if update_mask is not None:
             update_mask = update_mask.reshape(task.param.shape)
         ref.adamw_update(task.param, grad, task.exp_avg, task.exp_avg_sq, task.scalars,
@@ -60,6 +67,8 @@ class TorchBackend(Backend):
         """The mask as a bool tensor that broadcasts over ``like`` viewed as [rows, cols]."""
         if mask.stage_one:
             return column_keep_mask(mask.column_key, mask.keep_threshold, mask.cols, like.device)
+        if mask.mask_bits is not None:   # the packed subnetwork
+            return _rows(unpack_mask(mask.mask_bits, like.shape), mask.cols)
         score = ref.mix_score(mask.gam, mask.column_factor)
         return _rows(ref.selection_mask(score, mask.threshold), mask.cols)
 

@@ -94,18 +94,27 @@ class TritonBackend(Backend):
         if selection is not None:
             selection.run(found_inf)
 
+    def pack_mask(self, gam, column_factor, threshold, out=None):
+        """The packed subnetwork (``Backend.pack_mask``) in one launch. Without ``out``
+        through the ``torch.library`` op; with ``out`` the kernel writes the words there."""
+        ops = self._load()
+        if out is None:
+            return ops.pack_mask(gam, column_factor, threshold)
+        from ..ops.triton import mask_bits
+        return mask_bits.pack_mask(gam, column_factor, threshold, out=out)
+
     def mix_weight(self, weight, anchor, mask: MixMask, p, out_dtype=None):
         ops = self._load()
         return ops.mix_weight(weight, anchor, mask.cols, mask.column_key, mask.keep_threshold,
                               mask.gam, mask.column_factor, mask.threshold, float(p), out_dtype,
                               mask.device_step, mask.key_base, mask.update_steps,
-                              mask.stage_anchor)
+                              mask.stage_anchor, mask.mask_bits)
 
     def mix_grad(self, grad, mask: MixMask):
         ops = self._load()
         return ops.mix_grad(grad, mask.cols, mask.column_key, mask.keep_threshold, mask.gam,
                             mask.column_factor, mask.threshold, mask.device_step,
-                            mask.key_base, mask.update_steps)
+                            mask.key_base, mask.update_steps, mask.mask_bits)
 
 
 BACKEND = TritonBackend()

@@ -5,10 +5,12 @@ Per element (g = grad, w = param, m/v = moments; arithmetic in fp32; see step_ty
     PLAIN         AdamW(g)
     DENSE_STAGE1  GAM = (0 if reset else GAM) + g*g;  AdamW(g)
     DENSE_STAGE2  M = GAM >= thr;  AdamW(g*M), or with freeze AdamW(g) only where M
+                  (MASK_BITS: M read from the packed subnetwork, GAM not read)
     MIX_STAGE1    m = keep(H(key ^ col));  GAM = (0|GAM) + g*g;  FAM[col] = (0|FAM[col]) + m
                   (written by the elements of row 0 only, so once per column);
                   AdamW(g), with freeze only where m
     MIX_STAGE2    AdamW(g); with freeze only where GAM * factor[col] >= thr
+                  (MASK_BITS: where the packed bit is set, GAM and factor not read)
 
     AdamW, torch style:     w *= decay;  m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g g;
                             w -= step_size * m / (sqrt(v) / bias2_sqrt + eps)
@@ -20,6 +22,7 @@ fp32 moments on 16-bit params, ``DPSAdamW(fp32_moments=True)``, make the moments
     DENSE_STAGE1/MIX_STAGE1    + read and write GAM (8)                               = 7P + 8
     DENSE_STAGE2             + read GAM (4)                                            = 7P + 4
     MIX_STAGE2 + freeze      + read GAM (4) + factor[col] (a per-column vector, cached) = 7P + 4
+    either, MASK_BITS        + read 1 bit (int32 word i // 32, bit i % 32)        = 7P + 0.125
     fp32: AdamW 28 B, Stage I 36 B, Stage II 32 B. ``freeze`` saves no traffic: frozen
     elements are written back unchanged, because DRAM moves whole 32-byte sectors anyway and
     a full-width store keeps the accesses 128-bit. Capturable Mix also writes W' once, at the
@@ -72,8 +75,10 @@ import triton
 import triton.language as tl
 
 from ...backends import interpreter_enabled
+from ...mask_bits import check_mask_bits
 from ...step_types import GroupStep, StepKind, TensorStep
 from .keep_mask import column_keep, hash32 as tl_hash32
+from .mask_bits import load_bit
 from .rounding import round_to
 
 # KIND constexpr codes
@@ -84,7 +89,7 @@ KIND_CODE = {StepKind.PLAIN: (PLAIN, 1), StepKind.DENSE_STAGE1: (DENSE, 1),
 MODE_CODE = {"plain": PLAIN, "dense": DENSE, "mix": MIX}
 # Columns of the address table
 ADDR = ("param", "exp_avg", "exp_avg_sq", "gam", "fam", "column_factor", "threshold",
-        "stage_anchor", "device_step")
+        "stage_anchor", "device_step", "mask_bits")   # the kernel's stride is 10: keep in step
 N_ADDR = len(ADDR)
 N_META = 3   # numel, cols, key word (uint32 bits: key_base, or the finished key)
 BLOCK = 1024
@@ -145,6 +150,7 @@ def _dps_step_kernel(
     KIND: tl.constexpr,         # PLAIN, DENSE or MIX
     STAGE: tl.constexpr,        # 1, 2, or 0: decided per tensor from its device step
     FREEZE: tl.constexpr,       # frozen elements keep weight and moments
+    MASK_BITS: tl.constexpr,    # Stage II subnetwork from the packed bits (no GAM/factor/thr)
     HF_LEGACY: tl.constexpr,    # transformers-4.7 AdamW (decay after the update)
     DERIVE_KEY: tl.constexpr,   # key word is key_base: the key is H(key_base ^ t)
     HAS_SCALE: tl.constexpr,    # unscale the gradient by scale_ptr
@@ -163,7 +169,7 @@ def _dps_step_kernel(
     cols = tl.load(meta_ptr + tensor * 3 + 1)
     key_word = tl.load(meta_ptr + tensor * 3 + 2).to(tl.uint32, bitcast=True)
 
-    a = addr_ptr + tensor * 9
+    a = addr_ptr + tensor * 10   # N_ADDR
     w_ptr = _table_ptr(a, PARAM_DTYPE, ALIGNED)
     g_ptr = _table_ptr(grad_addr_ptr + tensor, GRAD_DTYPE, ALIGNED)
     m_ptr = _table_ptr(a + 1, MOMENT_DTYPE, ALIGNED)
@@ -173,6 +179,7 @@ def _dps_step_kernel(
     factor_ptr = _table_ptr(a + 5, tl.float32, False)
     thr_ptr = _table_ptr(a + 6, tl.float32, False)
     snap_ptr = _table_ptr(a + 7, PARAM_DTYPE, ALIGNED)
+    bits_ptr = _table_ptr(a + 9, tl.int32, False)
 
     offs = start + tl.arange(0, BLOCK)
     zero = tl.zeros([BLOCK], dtype=tl.int32)
@@ -223,61 +230,62 @@ def _dps_step_kernel(
         inv_scale = (1.0 / tl.load(scale_ptr).to(tl.float64)).to(tl.float32)
 
     args = (cols, key, keep_thr, inv_scale, w_ptr, g_ptr, m_ptr, v_ptr, gam_ptr, fam_ptr,
-            factor_ptr, thr_ptr, snap_ptr, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
-            decay, step_size, bias2_sqrt)
+            factor_ptr, thr_ptr, snap_ptr, bits_ptr, beta1, one_minus_beta1, beta2,
+            one_minus_beta2, eps, decay, step_size, bias2_sqrt)
     if STAGE == 0:
         # One code path per stage, chosen per tensor at run time: registers are those of
         # the larger path, not of both (the flags would otherwise keep both alive).
         if stage_one:
             _split_blocks(start, numel, offs, zero == 0, rst, snap, *args, PARAM_DTYPE,
-                          MOMENT_DTYPE, KIND, FREEZE, HF_LEGACY, HAS_SCALE, KIND == 2,
-                          EMULATE_RNE, BLOCK)
+                          MOMENT_DTYPE, KIND, FREEZE, MASK_BITS, HF_LEGACY, HAS_SCALE,
+                          KIND == 2, EMULATE_RNE, BLOCK)
         else:
             _split_blocks(start, numel, offs, zero != 0, rst, snap, *args, PARAM_DTYPE,
-                          MOMENT_DTYPE, KIND, FREEZE, HF_LEGACY, HAS_SCALE, False, EMULATE_RNE,
-                          BLOCK)
+                          MOMENT_DTYPE, KIND, FREEZE, MASK_BITS, HF_LEGACY, HAS_SCALE, False,
+                          EMULATE_RNE, BLOCK)
     else:
         _split_blocks(start, numel, offs, s1, rst, snap, *args, PARAM_DTYPE, MOMENT_DTYPE,
-                      KIND, FREEZE, HF_LEGACY, HAS_SCALE, False, EMULATE_RNE, BLOCK)
+                      KIND, FREEZE, MASK_BITS, HF_LEGACY, HAS_SCALE, False, EMULATE_RNE, BLOCK)
 
 
 @triton.jit
 def _split_blocks(start, numel, offs, s1, rst, snap, cols, key, keep_thr, inv_scale, w_ptr,
-                  g_ptr, m_ptr, v_ptr, gam_ptr, fam_ptr, factor_ptr, thr_ptr, snap_ptr, beta1,
+                  g_ptr, m_ptr, v_ptr, gam_ptr, fam_ptr, factor_ptr, thr_ptr, snap_ptr,
+                  bits_ptr, beta1,
                   one_minus_beta1, beta2, one_minus_beta2, eps, decay, step_size, bias2_sqrt,
                   PARAM_DTYPE: tl.constexpr, MOMENT_DTYPE: tl.constexpr, KIND: tl.constexpr,
-                  FREEZE: tl.constexpr,
+                  FREEZE: tl.constexpr, MASK_BITS: tl.constexpr,
                   HF_LEGACY: tl.constexpr, HAS_SCALE: tl.constexpr, SNAPSHOT: tl.constexpr,
                   EMULATE_RNE: tl.constexpr, BLOCK: tl.constexpr):
     if start + BLOCK <= numel:
         # A whole block: the all-true mask has known constancy, so the accesses vectorize.
-        _step_block(offs, tl.zeros_like(offs) == 0, s1, rst, snap, cols, key, keep_thr, inv_scale, w_ptr,
-                    g_ptr, m_ptr, v_ptr, gam_ptr, fam_ptr, factor_ptr, thr_ptr, snap_ptr,
-                    beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay, step_size,
-                    bias2_sqrt, PARAM_DTYPE, MOMENT_DTYPE, KIND, FREEZE, HF_LEGACY, HAS_SCALE,
-                    SNAPSHOT,
-                    EMULATE_RNE)
+        _step_block(offs, tl.zeros_like(offs) == 0, s1, rst, snap, cols, key, keep_thr,
+                    inv_scale, w_ptr, g_ptr, m_ptr, v_ptr, gam_ptr, fam_ptr, factor_ptr, thr_ptr, snap_ptr,
+                    bits_ptr, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay,
+                    step_size, bias2_sqrt, PARAM_DTYPE, MOMENT_DTYPE, KIND, FREEZE, MASK_BITS,
+                    HF_LEGACY, HAS_SCALE, SNAPSHOT, EMULATE_RNE)
     else:
         _step_block(offs, offs < numel, s1, rst, snap, cols, key, keep_thr, inv_scale, w_ptr,
                     g_ptr, m_ptr, v_ptr, gam_ptr, fam_ptr, factor_ptr, thr_ptr, snap_ptr,
-                    beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay, step_size,
-                    bias2_sqrt, PARAM_DTYPE, MOMENT_DTYPE, KIND, FREEZE, HF_LEGACY, HAS_SCALE,
-                    SNAPSHOT,
-                    EMULATE_RNE)
+                    bits_ptr, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay,
+                    step_size, bias2_sqrt, PARAM_DTYPE, MOMENT_DTYPE, KIND, FREEZE, MASK_BITS,
+                    HF_LEGACY, HAS_SCALE, SNAPSHOT, EMULATE_RNE)
 
 
 @triton.jit
 def _step_block(offs, inb, s1, reset, snap, cols, key, keep_threshold, inv_scale,
                 w_ptr, g_ptr, m_ptr, v_ptr, gam_ptr, fam_ptr, factor_ptr, thr_ptr, snap_ptr,
-                beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay, step_size,
-                bias2_sqrt, PARAM_DTYPE: tl.constexpr, MOMENT_DTYPE: tl.constexpr,
-                KIND: tl.constexpr,
-                FREEZE: tl.constexpr, HF_LEGACY: tl.constexpr, HAS_SCALE: tl.constexpr,
+                bits_ptr, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay,
+                step_size, bias2_sqrt, PARAM_DTYPE: tl.constexpr, MOMENT_DTYPE: tl.constexpr,
+                KIND: tl.constexpr, FREEZE: tl.constexpr, MASK_BITS: tl.constexpr,
+                HF_LEGACY: tl.constexpr, HAS_SCALE: tl.constexpr,
                 SNAPSHOT: tl.constexpr, EMULATE_RNE: tl.constexpr):
     """The step of the elements ``offs`` (``inb``: in bounds) of one tensor.
 
     ``s1`` (Stage I) is a constant block the compiler folds away; ``reset`` and ``snap``
-    (write W', capturable Mix: ``SNAPSHOT``) are per-tensor block-wide flags."""
+    (write W', capturable Mix: ``SNAPSHOT``) are per-tensor block-wide flags. With
+    ``MASK_BITS`` the Stage II subnetwork is read from the packed bits (``bits_ptr``) and
+    GAM only in Stage I (Dense and Mix with freeze; Mix without freeze needs no mask)."""
     w0 = tl.load(w_ptr + offs, mask=inb, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=inb, other=0.0).to(tl.float32)
     m0 = tl.load(m_ptr + offs, mask=inb, other=0.0).to(tl.float32)
@@ -287,7 +295,10 @@ def _step_block(offs, inb, s1, reset, snap, cols, key, keep_threshold, inv_scale
     update = inb
     if KIND != 0:
         s2 = ~s1
-        if KIND == 1:
+        if MASK_BITS:
+            # Stage II reads the packed subnetwork: GAM is read in Stage I only.
+            gam = tl.load(gam_ptr + offs, mask=inb & s1, other=0.0)
+        elif KIND == 1:
             gam = tl.load(gam_ptr + offs, mask=inb, other=0.0)
         elif FREEZE:
             gam = tl.load(gam_ptr + offs, mask=inb, other=0.0)
@@ -295,10 +306,18 @@ def _step_block(offs, inb, s1, reset, snap, cols, key, keep_threshold, inv_scale
             gam = tl.load(gam_ptr + offs, mask=inb & s1, other=0.0)
         # Stage I: Fisher accumulation.
         tl.store(gam_ptr + offs, tl.where(reset, 0.0, gam) + g * g, mask=inb & s1)
-        thr = tl.load(thr_ptr)
+        if MASK_BITS:
+            # Stage II: bit offs % 32 of word offs // 32 (mask_bits.py), 1/8 B per element.
+            bit = load_bit(bits_ptr, offs, inb & s2)
+        else:
+            thr = tl.load(thr_ptr)
         if KIND == 1:
-            # Stage II: the subnetwork mask, derived on the fly from GAM (never stored).
-            selected = s2 & (gam >= thr)
+            # Stage II: the subnetwork mask, derived on the fly from GAM (never stored),
+            # or read from the bits packed at the selection.
+            if MASK_BITS:
+                selected = s2 & bit
+            else:
+                selected = s2 & (gam >= thr)
             if FREEZE:
                 update = s1 | selected
             else:
@@ -313,8 +332,11 @@ def _step_block(offs, inb, s1, reset, snap, cols, key, keep_threshold, inv_scale
             tl.store(fam_ptr + col, tl.where(reset, 0.0, fam) + keep.to(tl.float32),
                      mask=row0)
             if FREEZE:
-                factor = tl.load(factor_ptr + col, mask=inb & s2, other=0.0)
-                update = tl.where(s1, keep, gam * factor >= thr)
+                if MASK_BITS:
+                    update = tl.where(s1, keep, bit)
+                else:
+                    factor = tl.load(factor_ptr + col, mask=inb & s2, other=0.0)
+                    update = tl.where(s1, keep, gam * factor >= thr)
 
     w = w0
     if not HF_LEGACY:
@@ -376,6 +398,12 @@ class _Plan:
         self.layout = layout
         # 16-byte aligned element buffers (the allocator's usual case; views may not be)
         self.state_aligned = bool((addr[:, [0, 1, 2, 3, 7]] % 16 == 0).all())
+        # Every entry has its packed subnetwork (all or none: one launch, one MASK_BITS).
+        with_bits = [getattr(e, "mask_bits", None) is not None for e in entries]
+        if any(with_bits) and not all(with_bits):
+            raise ValueError("mask_bits must be given for every tensor of a group or for none "
+                             "(one launch reads the subnetwork one way)")
+        self.mask_bits = bool(with_bits) and all(with_bits)
         self.grad_ptrs: list = []
         self.grad_table = None
         self.grad_aligned = True
@@ -455,10 +483,18 @@ def _check_entry(entry, mode: str, capturable: bool, device, stage: int = 0) -> 
         raise ValueError(f"{name}: more than {MAX_TENSOR_ELEMENTS} elements")
     if entry.cols < 1 or p.numel() % entry.cols:
         raise ValueError(f"{name}: cols={entry.cols} must divide numel={p.numel()}")
+    bits = getattr(entry, "mask_bits", None)
+    if bits is not None:
+        if capturable:
+            raise ValueError(f"{name}: mask_bits is not supported with capturable=True yet")
+        check_mask_bits(bits, p.numel(), f"{name}: mask_bits", device)
     needs = {"dense": ("gam",), "mix": ("gam",), "plain": ()}[mode]
+    if bits is not None and stage == 2:    # Stage II from the bits: no GAM, factor, threshold
+        needs = ()
     if mode == "mix" and stage != 2:       # Stage I (or decided on the device)
         needs += ("fam",)
-    if mode != "plain" and stage != 1:     # Stage II (or decided on the device)
+    if mode != "plain" and stage != 1 and not (bits is not None and stage == 2):
+        # Stage II (or decided on the device)
         needs += ("threshold",) + (("column_factor",) if mode == "mix" else ())
     for label in needs:
         x = getattr(entry, label)
@@ -542,6 +578,10 @@ class FusedStep:
     def _launch(plan, grad_table, scalars, t, reset, keep_threshold, hyper, update_steps,
                 grad_scale, found_inf, dummy, pdtype, mdtype, gdtype, kind, stage, freeze,
                 hf_legacy, derive_key, aligned):
+        # The bits are read where a Stage II mask is needed: Dense, and Mix with freeze.
+        # Elsewhere the specialisation stays the one without bits.
+        mask_bits = (plan.mask_bits and stage == 2
+                     and (kind == DENSE or (kind == MIX and bool(freeze))))
         _dps_step_kernel[plan.layout.grid](
             plan.addr, grad_table, plan.meta, plan.layout.block_tensor, plan.layout.block_start,
             *scalars, t, reset, keep_threshold, hyper, update_steps,
@@ -549,7 +589,8 @@ class FusedStep:
             dummy if found_inf is None else found_inf,
             PARAM_DTYPE=TORCH_TO_TL[pdtype], MOMENT_DTYPE=TORCH_TO_TL[mdtype],
             GRAD_DTYPE=TORCH_TO_TL[gdtype], KIND=kind,
-            STAGE=stage, FREEZE=bool(freeze), HF_LEGACY=hf_legacy, DERIVE_KEY=derive_key,
+            STAGE=stage, FREEZE=bool(freeze), MASK_BITS=mask_bits, HF_LEGACY=hf_legacy,
+            DERIVE_KEY=derive_key,
             HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
             ALIGNED=aligned, EMULATE_RNE=interpreter_enabled(), BLOCK=BLOCK,
             num_warps=8 if pdtype == torch.float32 else 4, enable_fp_fusion=False)
@@ -563,15 +604,16 @@ class FusedStep:
             if task.param.numel() == 0:
                 continue
             key = (task.param.device, task.param.dtype, task.exp_avg.dtype, task.grad.dtype,
-                   task.kind, task.scalars, bool(task.reset), task.keep_threshold)
+                   task.kind, task.scalars, bool(task.reset), task.keep_threshold,
+                   task.mask_bits is not None)
             groups.setdefault(key, []).append(task)
-        for (device, pdtype, mdtype, gdtype, kind, scalars, reset, keep_thr), group in \
+        for (device, pdtype, mdtype, gdtype, kind, scalars, reset, keep_thr, _), group in \
                 groups.items():
             entries = [_TaskEntry(task, i) for i, task in enumerate(group)]
             plan_key = (device, kind) + tuple(
                 (t.cols, t.param.numel(), t.mix_key, *(0 if x is None else x.data_ptr() for x in
                  (t.param, t.exp_avg, t.exp_avg_sq, t.gam, t.fam, t.column_factor,
-                  t.threshold)))
+                  t.threshold, t.mask_bits)))
                 for t in group)
             plan = self._plans.pop(plan_key, None)
             if plan is None:
@@ -603,6 +645,7 @@ class _TaskEntry:
         self.param, self.exp_avg, self.exp_avg_sq = task.param, task.exp_avg, task.exp_avg_sq
         self.gam, self.fam, self.column_factor = task.gam, task.fam, task.column_factor
         self.threshold, self.cols, self.index = task.threshold, task.cols, index
+        self.mask_bits = task.mask_bits
         self.stage_anchor = self.device_step = None
         self.key_base = task.mix_key
 

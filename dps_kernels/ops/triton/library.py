@@ -6,12 +6,15 @@ fake tensors), on first use of the backend, never at ``import dps_kernels``:
 
     dps_kernels::triton_mix_weight(weight, anchor, cols, column_key?, keep_threshold,
                                    gam?, column_factor?, threshold?, p, out_dtype?,
-                                   device_step?, key_base, update_steps, stage_anchor?)
+                                   device_step?, key_base, update_steps, stage_anchor?,
+                                   mask_bits?)
     dps_kernels::triton_mix_grad(grad, cols, column_key?, keep_threshold, gam?,
                                  column_factor?, threshold?, device_step?, key_base,
-                                 update_steps) -> Tensor
-(``device_step`` and what follows it: the capturable Mix mask, see ops/triton/mix.py)
+                                 update_steps, mask_bits?) -> Tensor
+(``device_step`` up to ``stage_anchor``: the capturable Mix mask, see ops/triton/mix.py;
+``mask_bits``: the packed Stage II subnetwork, see dps_kernels/mask_bits.py)
     dps_kernels::triton_select_threshold(gam, column_factor?, k, approx) -> Tensor (0-d fp32)
+    dps_kernels::triton_pack_mask(gam, column_factor?, threshold) -> Tensor (int32 words)
 
 The optimizer step (``fused_step``) is not an op: it mutates a variable list of tensors
 through a pointer table, which no schema can describe; it runs outside compiled graphs,
@@ -24,14 +27,14 @@ from typing import Optional
 
 import torch
 
-from . import mix, radix_select
+from . import mask_bits, mix, radix_select
 
 _OPS: Optional[SimpleNamespace] = None
 
 
 def register() -> SimpleNamespace:
     """Define the ops once per process; returns callables ``mix_weight``, ``mix_grad``,
-    ``select_threshold`` (the ``torch.ops.dps_kernels`` entries)."""
+    ``select_threshold``, ``pack_mask`` (the ``torch.ops.dps_kernels`` entries)."""
     global _OPS
     if _OPS is not None:
         return _OPS
@@ -53,10 +56,11 @@ def register() -> SimpleNamespace:
                           out_dtype: Optional[torch.dtype],
                           device_step: Optional[torch.Tensor] = None, key_base: int = 0,
                           update_steps: int = 1,
-                          stage_anchor: Optional[torch.Tensor] = None) -> torch.Tensor:
+                          stage_anchor: Optional[torch.Tensor] = None,
+                          mask_bits: Optional[torch.Tensor] = None) -> torch.Tensor:
         return mix.mix_weight(weight, anchor, cols, column_key, keep_threshold, gam,
                               column_factor, threshold, p, out_dtype, device_step, key_base,
-                              update_steps, stage_anchor, launch=_wrap)
+                              update_steps, stage_anchor, launch=_wrap, mask_bits=mask_bits)
 
     @triton_op("dps_kernels::triton_mix_grad", mutates_args=())
     def triton_mix_grad(grad: torch.Tensor, cols: int, column_key: Optional[int],
@@ -64,9 +68,11 @@ def register() -> SimpleNamespace:
                         column_factor: Optional[torch.Tensor],
                         threshold: Optional[torch.Tensor],
                         device_step: Optional[torch.Tensor] = None, key_base: int = 0,
-                        update_steps: int = 1) -> torch.Tensor:
+                        update_steps: int = 1,
+                        mask_bits: Optional[torch.Tensor] = None) -> torch.Tensor:
         return mix.mix_grad(grad, cols, column_key, keep_threshold, gam, column_factor,
-                            threshold, device_step, key_base, update_steps, launch=_wrap)
+                            threshold, device_step, key_base, update_steps, launch=_wrap,
+                            mask_bits=mask_bits)
 
     @triton_op("dps_kernels::triton_select_threshold", mutates_args=())
     def triton_select_threshold(gam: torch.Tensor, column_factor: Optional[torch.Tensor],
@@ -74,7 +80,13 @@ def register() -> SimpleNamespace:
         return radix_select.select_threshold(gam, column_factor, k, approx,
                                              launch=_wrap)
 
+    @triton_op("dps_kernels::triton_pack_mask", mutates_args=())
+    def triton_pack_mask(gam: torch.Tensor, column_factor: Optional[torch.Tensor],
+                         threshold: torch.Tensor) -> torch.Tensor:
+        return mask_bits.pack_mask(gam, column_factor, threshold, launch=_wrap)
+
     ops = torch.ops.dps_kernels
     _OPS = SimpleNamespace(mix_weight=ops.triton_mix_weight, mix_grad=ops.triton_mix_grad,
-                           select_threshold=ops.triton_select_threshold)
+                           select_threshold=ops.triton_select_threshold,
+                           pack_mask=ops.triton_pack_mask)
     return _OPS
