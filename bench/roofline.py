@@ -48,7 +48,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------- the byte model (one place)
 # Per element: how many P-byte values (param dtype; the gradient too), O-byte values (Mix
-# output dtype) and fp32 values (GAM) each kernel reads and writes.
+# output dtype), fp32 values (GAM) and bits (the packed Stage II subnetwork, mask_bits.py)
+# each kernel reads and writes. "_bits" keys: what DPSAdamW runs by default (it packs the
+# subnetwork at the selection); the GAM keys: capturable=True (the mask from GAM each step).
 BYTE_MODEL = {
     "plain":             dict(read_p=4, write_p=3),
     "dense_stage1":      dict(read_p=4, write_p=3, read_f32=1, write_f32=1),
@@ -61,6 +63,11 @@ BYTE_MODEL = {
     "mix_weight_stage2": dict(read_p=2, write_o=1, read_f32=1),
     "mix_grad_stage1":   dict(read_p=1, write_p=1),
     "mix_grad_stage2":   dict(read_p=1, write_p=1, read_f32=1),
+    "dense_stage2_bits":      dict(read_p=4, write_p=3, read_bits=1),
+    "mix_stage2_freeze_bits": dict(read_p=4, write_p=3, read_bits=1),
+    "mix_weight_stage2_bits": dict(read_p=2, write_o=1, read_bits=1),
+    "mix_grad_stage2_bits":   dict(read_p=1, write_p=1, read_bits=1),
+    "pack_bits":              dict(read_f32=1, write_bits=1),   # once per selection
 }
 HIST_PASSES = 3
 GPUS = {"V100": 900e9, "A100-80GB": 2.0e12, "H100 SXM": 3.35e12}   # peak DRAM bytes/s
@@ -69,18 +76,26 @@ E2E_GPU, E2E_EFFICIENCY = "A100-80GB", 0.8
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
-def bytes_per_element(key: str, p: int, o: int = None) -> int:
-    """Bytes per element of ``BYTE_MODEL[key]`` for P-byte params and O-byte Mix output."""
+def bytes_per_element(key: str, p: int, o: int = None, streamed_only: bool = False) -> float:
+    """Bytes per element of ``BYTE_MODEL[key]`` for P-byte params and O-byte Mix output.
+
+    ``streamed_only``: without the bit reads (a word per 32 elements, loaded as 32-bit
+    scalars, not as the 128-bit streams the compile gate counts)."""
     m = BYTE_MODEL[key]
     o = p if o is None else o
+    bits = 0 if streamed_only else (m.get("read_bits", 0) + m.get("write_bits", 0)) / 8
     return ((m.get("read_p", 0) + m.get("write_p", 0)) * p
             + (m.get("read_o", 0) + m.get("write_o", 0)) * o
-            + 4 * (m.get("read_f32", 0) + m.get("write_f32", 0)))
+            + 4 * (m.get("read_f32", 0) + m.get("write_f32", 0)) + bits)
 
 
-def step_key(kind: str, freeze: bool) -> str:
-    """BYTE_MODEL key of a fused-step kind (``StepKind.value``) with or without freeze."""
-    return "mix_stage2_freeze" if (kind == "mix_stage2" and freeze) else kind
+def step_key(kind: str, freeze: bool, bits: bool = False) -> str:
+    """BYTE_MODEL key of a fused-step kind (``StepKind.value``) with or without freeze, and
+    with the Stage II mask read from packed bits (``MASK_BITS``)."""
+    key = "mix_stage2_freeze" if (kind == "mix_stage2" and freeze) else kind
+    if bits and key in ("dense_stage2", "mix_stage2_freeze"):
+        key += "_bits"
+    return key
 
 
 # ---------------------------------------------------------------- predictions
@@ -109,17 +124,20 @@ def predicted_bytes(counts: dict, p: int) -> dict:
     return {
         "AdamW (fused)": total * bytes_per_element("plain", p),
         "Dense Stage I": step("dense_stage1"),
-        "Dense Stage II": step("dense_stage2"),
+        "Dense Stage II": step("dense_stage2_bits"),
         "Mix Stage I": step("mix_stage1"),
         "Mix Stage II": step("mix_stage2"),
-        "Mix Stage II + freeze": step("mix_stage2_freeze"),
-        "selection (3 histogram passes)": dps * HIST_PASSES * bytes_per_element("hist_pass", p),
+        "Mix Stage II + freeze": step("mix_stage2_freeze_bits"),
+        "selection (3 histogram passes + pack)":
+            dps * (HIST_PASSES * bytes_per_element("hist_pass", p)
+                   + bytes_per_element("pack_bits", p)),
         "Mix wiring Stage I (mix_weight + mix_grad)":
             dps * (bytes_per_element("mix_weight_stage1", p)
                    + bytes_per_element("mix_grad_stage1", p)),
         "Mix wiring Stage II (mix_weight + mix_grad)":
-            dps * (bytes_per_element("mix_weight_stage2", p)
-                   + bytes_per_element("mix_grad_stage2", p)),
+            dps * (bytes_per_element("mix_weight_stage2_bits", p)
+                   + bytes_per_element("mix_grad_stage2_bits", p)),
+        "capturable: Dense Stage II (mask from GAM)": step("dense_stage2"),
     }
 
 
@@ -130,7 +148,7 @@ def ms(nbytes: float, gpu: str, efficiency: float) -> float:
 def end_to_end(b: dict, fwd_bwd_ms: float, us: int) -> dict:
     """Predicted mean step overhead of DPS over fused AdamW (module docstring)."""
     t = {k: ms(v, E2E_GPU, E2E_EFFICIENCY) for k, v in b.items()}
-    sel = t["selection (3 histogram passes)"] / (2 * us)
+    sel = t["selection (3 histogram passes + pack)"] / (2 * us)
     dense = (t["Dense Stage I"] + t["Dense Stage II"]) / 2 + sel
     mix = ((t["Mix Stage I"] + t["Mix Stage II"]) / 2 + sel
            + (t["Mix wiring Stage I (mix_weight + mix_grad)"]
@@ -200,7 +218,8 @@ def compare_with_gate(aot: dict) -> dict:
                            "not in the model (grad in the param dtype)")
             continue
         freeze = bool(cx.get(FREEZE_CONSTEXPR, False))
-        model = bytes_per_element(step_key(kind, freeze), DTYPE_BYTES[dtype])
+        key = step_key(kind, freeze, bool(cx.get("MASK_BITS", False)))
+        model = bytes_per_element(key, DTYPE_BYTES[dtype], streamed_only=True)
         rows.append({"label": label(row), "target": row["target"], "kind": kind,
                      "dtype": dtype, "freeze": freeze, "model_bytes": model,
                      "gate_bytes": gate_bytes_per_element(row),

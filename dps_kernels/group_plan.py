@@ -99,6 +99,7 @@ def _entry(optimizer, param, state, group) -> TensorEntry:
         return entry
     entry.cols = columns_of(param.shape)
     entry.gam, entry.threshold = state["gam"], state["threshold"]
+    entry.mask_bits = state.get("mask_bits")   # read in Stage II (None when capturable)
     if optimizer.mode == "mix":
         entry.fam, entry.column_factor = state["fam"], state["column_factor"]
         entry.key_base = key_base(optimizer.seed, entry.index)

@@ -32,6 +32,7 @@ import torch
 from . import reference as ref
 from .backends import BACKEND_NAMES, auto_backend_name, get_backend, unavailable_reason
 from .group_plan import GroupPlan, mix_factor_table
+from .mask_bits import num_words, unpack_mask
 from .mask_hash import column_keep_mask, columns_of, key_base, keep_threshold, step_key
 from .schedule import (STAGE_ONE, is_last_of_stage_one, is_stage_start, resolve_update_steps,
                        selected_count, stage_of)
@@ -228,6 +229,12 @@ class DPSAdamW(torch.optim.Optimizer):
             state["gam"] = torch.zeros_like(param, dtype=torch.float32,
                                             memory_format=torch.contiguous_format)
             state["threshold"] = torch.zeros((), dtype=torch.float32, device=param.device)
+            if not self.capturable:
+                # The Stage II subnetwork, packed at the selection (mask_bits.py): Stage II
+                # reads 1 bit per element instead of GAM's 4 bytes. (The capturable path
+                # still recomputes the mask from GAM.)
+                state["mask_bits"] = torch.zeros(num_words(param.numel()), dtype=torch.int32,
+                                                 device=param.device)
             if self.mode == "mix":
                 cols = columns_of(param.shape)
                 state["fam"] = torch.zeros(cols, dtype=torch.float32, device=param.device)
@@ -290,6 +297,8 @@ class DPSAdamW(torch.optim.Optimizer):
         task.cols = columns_of(param.shape)
         first_stage = stage_of(t, self.update_steps) == STAGE_ONE
         task.reset = first_stage and is_stage_start(t, self.update_steps)
+        if not first_stage:
+            task.mask_bits = state.get("mask_bits")
         if self.mode == "dense":
             task.kind = StepKind.DENSE_STAGE1 if first_stage else StepKind.DENSE_STAGE2
             task.threshold = state["threshold"]
@@ -324,6 +333,8 @@ class DPSAdamW(torch.optim.Optimizer):
                       selected_count(param.numel(), group["p"]))
                      for param, group, state in entries]
             backend.select_thresholds(items, out=[state["threshold"] for _, _, state in entries])
+            for (gam, factor, _), (_, _, state) in zip(items, entries):
+                backend.pack_mask(gam, factor, state["threshold"], out=state["mask_bits"])
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -464,7 +475,7 @@ class DPSAdamW(torch.optim.Optimizer):
             return MixMask(cols, column_key=step_key(self.seed, self._param_index[id(param)], t),
                            keep_threshold=keep_threshold(group["p"]))
         return MixMask(cols, gam=state["gam"], column_factor=state["column_factor"],
-                       threshold=state["threshold"])
+                       threshold=state["threshold"], mask_bits=state.get("mask_bits"))
 
     def _mix_anchor(self, param) -> torch.Tensor:
         state = self.state[param]
@@ -507,6 +518,8 @@ class DPSAdamW(torch.optim.Optimizer):
         state = self.state.get(param, {})
         if stage_of(_steps_taken(state) + 1, self.update_steps) == STAGE_ONE:
             return None
+        if "mask_bits" in state:   # what Stage II reads
+            return unpack_mask(state["mask_bits"], param.shape)
         score = state["gam"]
         if self.mode == "mix":
             score = ref.mix_score(score, state["column_factor"])
@@ -573,6 +586,33 @@ class DPSAdamW(torch.optim.Optimizer):
                 if key in saved_state:
                     self.state[param][key] = saved_state[key].to(device=param.device,
                                                                  dtype=torch.float32, copy=True)
+        self._restore_mask_bits()
+
+    def _restore_mask_bits(self) -> None:
+        """After a load: the packed subnetwork must match GAM and the threshold. States saved
+        before the bits existed, or by a capturable optimizer (which keeps none), get them
+        packed here; a capturable optimizer drops them."""
+        for group in self.param_groups:
+            if not group["dps"]:
+                continue
+            for param in group["params"]:
+                state = self.state.get(param)
+                if not state or "gam" not in state:
+                    continue
+                if self.capturable:
+                    state.pop("mask_bits", None)
+                    continue
+                bits = state.get("mask_bits")
+                if (bits is None or bits.dtype != torch.int32
+                        or bits.numel() != num_words(param.numel())):
+                    state["mask_bits"] = torch.zeros(num_words(param.numel()),
+                                                     dtype=torch.int32, device=param.device)
+                    factor = state["column_factor"] if self.mode == "mix" else None
+                    self._backend_for(param).pack_mask(state["gam"], factor,
+                                                       state["threshold"],
+                                                       out=state["mask_bits"])
+                else:
+                    state["mask_bits"] = bits.to(param.device)
 
     # ------------------------------------------------------------------ construction helper
     @classmethod

@@ -191,6 +191,10 @@ def test_byte_model():
         == (8, 4, 8)
     assert roofline.step_key("mix_stage2", True) == "mix_stage2_freeze"
     assert roofline.step_key("dense_stage2", True) == "dense_stage2"
+    # the packed subnetwork: 1/8 byte per element instead of GAM's 4 (mask_bits.py)
+    assert roofline.step_key("dense_stage2", False, bits=True) == "dense_stage2_bits"
+    assert b("dense_stage2_bits", 4) == 28.125 and b("mix_stage2_freeze_bits", 2) == 14.125
+    assert roofline.bytes_per_element("dense_stage2_bits", 4, streamed_only=True) == 28
 
 
 def test_gate_bytes_per_element_formula():

@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -316,3 +317,49 @@ def test_triton_group_rejects_mixed_bits():
     with pytest.raises(ValueError, match="every tensor of a group or for none"):
         backend.step_group(GroupStep("dense", entries, [st["grad"] for st in states], False,
                                      "torch", t=4, stage=2, scalars=scalars, cache={}))
+
+
+# ------------------------------------------------------------------ DPSAdamW uses the bits
+@pytest.mark.parametrize("mode", ["dense", "mix"])
+def test_optimizer_packs_the_subnetwork_and_reloads_without_bits(mode):
+    """DPSAdamW packs ``score >= thr`` into ``state["mask_bits"]`` at every selection; a
+    state dict without the bits (saved before they existed) gets them packed on load, and
+    training continues exactly as the uninterrupted run."""
+    from torch import nn
+
+    from dps_kernels import DPSAdamW
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(40, 33), nn.Tanh(), nn.Linear(33, 3))
+
+    gen = torch.Generator().manual_seed(2)
+    data = [(torch.randn(8, 40, generator=gen), torch.randn(8, 3, generator=gen))
+            for _ in range(7)]
+
+    def train(model, opt, batches):
+        for x, y in batches:
+            opt.zero_grad()
+            ((model(x) - y) ** 2).mean().backward()
+            opt.step()
+
+    kw = dict(mode=mode, p=0.4, update_steps=2, lr=1e-2, backend="torch")
+    full = make()
+    full_opt = DPSAdamW.from_model(full, **kw)
+    train(full, full_opt, data[:3])            # step 3: Stage II
+    for m in (full[0], full[2]):
+        st = full_opt.state[m.weight]
+        score = st["gam"] if mode == "dense" else ref.mix_score(st["gam"], st["column_factor"])
+        assert torch.equal(st["mask_bits"], mb.pack_mask(score, st["threshold"]))
+        assert torch.equal(full_opt.subnetwork(m.weight), score >= st["threshold"])
+    sd = copy.deepcopy(full_opt.state_dict())   # state_dict() shares the live state dicts
+    for state in sd["state"].values():
+        state.pop("mask_bits", None)           # a checkpoint from before the bits
+    resumed = make()
+    resumed.load_state_dict(full.state_dict())
+    resumed_opt = DPSAdamW.from_model(resumed, **kw)
+    resumed_opt.load_state_dict(sd)
+    train(full, full_opt, data[3:])
+    train(resumed, resumed_opt, data[3:])
+    for a, b in zip(full.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
