@@ -50,10 +50,11 @@ class _Stub:
 
 def stub_kernels(counter: dict):
     """Replace the kernels by stubs; returns a function that puts the real ones back."""
-    from dps_kernels.ops.triton import fused_step, mix, radix_select
+    from dps_kernels.ops.triton import fused_step, mask_bits, mix, radix_select
 
     saved = []
     for module, names in ((fused_step, ["_dps_step_kernel"]),
+                          (mask_bits, ["_pack_mask_kernel"]),
                           (radix_select, ["_multi_hist_kernel", "_multi_pick_kernel",
                                           "_capturable_factor_kernel"]),
                           (mix, ["_mix_weight_kernel", "_mix_grad_kernel"])):
