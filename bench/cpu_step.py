@@ -39,7 +39,8 @@ import torch
 
 from dps_kernels import reference as ref
 from dps_kernels.backends import cpu_backend, torch_backend
-from dps_kernels.backends.base import StepKind, TensorStep
+from dps_kernels.mask_bits import pack_subnetwork
+from dps_kernels.step_types import StepKind, TensorStep
 from dps_kernels.mask_hash import columns_of, keep_threshold, step_key
 from dps_kernels.schedule import selected_count
 
@@ -114,6 +115,7 @@ class Workload:
         self.shapes = shapes
         self.params, self.grads, self.avgs, self.sqs = [], [], [], []
         self.gams, self.fams, self.factors, self.thresholds = {}, {}, {}, {}
+        self.bits = {}
         for i, (_, shape, target) in enumerate(shapes):
             p = torch.randn(shape, generator=gen) * 0.02
             self.params.append(p)
@@ -129,6 +131,10 @@ class Workload:
                 self.gams[i], self.fams[i], self.factors[i] = gam, fam, factor
                 self.thresholds[(i, "dense")] = ref.kth_largest(gam, k)
                 self.thresholds[(i, "mix")] = ref.kth_largest(ref.mix_score(gam, factor), k)
+                # the packed subnetwork DPSAdamW reads in Stage II (dps_kernels/mask_bits.py)
+                for mode, factor_or_none in (("dense", None), ("mix", factor)):
+                    self.bits[(i, mode)] = pack_subnetwork(gam, factor_or_none,
+                                                           self.thresholds[(i, mode)])
         self.scalars = ref.adamw_scalars(1e-5, 0.9, 0.999, 1e-8, 0.01, 10)
 
     def numel(self, target_only=False):
@@ -153,6 +159,8 @@ class Workload:
                 t.cols = columns_of(shape)
                 t.mix_key = step_key(0, i, 10)
                 t.keep_threshold = keep_threshold(0.3)
+                if stage.endswith("stage2"):
+                    t.mask_bits = self.bits[(i, mode)]
             out.append(t)
         return out
 

@@ -74,6 +74,9 @@ void check_value(const char* op, const char* what, const at::Tensor& t) {
               " must be float32 or bfloat16, got ", t.scalar_type());
 }
 
+// Bytes per anchor element: the weight's, or 4 for an fp32 anchor on a bf16 weight.
+int64_t anchor_size(const MixSpan& a, int64_t in_size) { return a.anchor_fp32 ? 4 : in_size; }
+
 // Runs `kernel` over the elements in parallel, one call per row segment.
 template <typename K>
 void run_mix(const MaskArgs& m, MixSpan base, int64_t n, int64_t cols, int64_t in_size,
@@ -88,7 +91,7 @@ void run_mix(const MaskArgs& m, MixSpan base, int64_t n, int64_t cols, int64_t i
     at::parallel_for(0, n, kChunk, [&](int64_t begin, int64_t end) {
       MixSpan a = base;
       a.weight = static_cast<const char*>(base.weight) + begin * in_size;
-      if (base.anchor) a.anchor = static_cast<const char*>(base.anchor) + begin * in_size;
+      if (base.anchor) a.anchor = static_cast<const char*>(base.anchor) + begin * anchor_size(base, in_size);
       a.out = static_cast<char*>(base.out) + begin * out_size;
       a.bit0 = begin;
       a.len = end - begin;
@@ -102,7 +105,7 @@ void run_mix(const MaskArgs& m, MixSpan base, int64_t n, int64_t cols, int64_t i
     for_row_segments(begin, end, cols, [&](int64_t s, int64_t len, int64_t c0) {
       MixSpan a = base;
       a.weight = static_cast<const char*>(base.weight) + s * in_size;
-      if (base.anchor) a.anchor = static_cast<const char*>(base.anchor) + s * in_size;
+      if (base.anchor) a.anchor = static_cast<const char*>(base.anchor) + s * anchor_size(base, in_size);
       a.out = static_cast<char*>(base.out) + s * out_size;
       if (a.gam) a.gam = base.gam + s;
       a.column = base.column + c0;
@@ -124,8 +127,11 @@ at::Tensor mix_weight(const at::Tensor& weight, const at::Tensor& anchor, int64_
   const char* op = "dps_cpu.mix_weight";
   check_value(op, "weight", weight);
   check_value(op, "anchor", anchor);
-  TORCH_CHECK(anchor.scalar_type() == weight.scalar_type(), op, ": anchor must have the weight's ",
-              "dtype ", weight.scalar_type(), ", got ", anchor.scalar_type());
+  // An fp32 anchor on a bf16 weight is accepted: DPSAdamW keeps Mix's Stage II anchor W' in
+  // the fp32 GAM buffer, which Stage II does not need.
+  TORCH_CHECK(anchor.scalar_type() == weight.scalar_type() || anchor.scalar_type() == at::kFloat,
+              op, ": anchor must have the weight's dtype ", weight.scalar_type(),
+              " or float32, got ", anchor.scalar_type());
   TORCH_CHECK(anchor.sizes() == weight.sizes(), op, ": anchor has shape ", anchor.sizes(),
               " but weight has shape ", weight.sizes());
   TORCH_CHECK(p >= 0.0 && p < 1.0, op, ": p must be in [0, 1), got ", p);
@@ -139,6 +145,7 @@ at::Tensor mix_weight(const at::Tensor& weight, const at::Tensor& anchor, int64_
   MixSpan base{};
   base.bf16 = weight.scalar_type() == at::kBFloat16;
   base.out_bf16 = odt == at::kBFloat16;
+  base.anchor_fp32 = base.bf16 && anchor.scalar_type() == at::kFloat;
   base.weight = w.data_ptr();
   base.anchor = a.data_ptr();
   base.out = out.data_ptr();

@@ -49,6 +49,7 @@ struct StepSpan {
 
 struct MixSpan {
   bool bf16, out_bf16, stage_two;
+  bool anchor_fp32;    // fp32 anchor on a bf16 weight (Mix W' held in the fp32 GAM buffer)
   const void* weight;  // the weight (mix_weight) or the gradient (mix_grad)
   const void* anchor;
   void* out;

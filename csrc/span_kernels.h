@@ -212,10 +212,10 @@ void step_span(const StepSpan& a) {
 
 // Mix weight (M*W + (1-M)*A - p*A) / (1-p), in the operation order of
 // reference.mix_weight. STAGE_TWO: M = gam*factor >= thr; else M = keep[col] (0/1).
-template <typename T, typename O, bool STAGE_TWO>
+template <typename T, typename A, typename O, bool STAGE_TWO>
 static void mix_weight_span_t(const MixSpan& a) {
   const T* __restrict__ w = static_cast<const T*>(a.weight);
-  const T* __restrict__ an = static_cast<const T*>(a.anchor);
+  const A* __restrict__ an = static_cast<const A*>(a.anchor);
   O* __restrict__ out = static_cast<O*>(a.out);
   const float* __restrict__ gam = a.gam;
   const float* __restrict__ col = a.column;
@@ -228,7 +228,7 @@ static void mix_weight_span_t(const MixSpan& a) {
       mk = col[j];
     }
     const float wf = Io<T>::load(w[j]);
-    const float af = Io<T>::load(an[j]);
+    const float af = Io<A>::load(an[j]);
     const float r = ((mk * wf + (1.0f - mk) * af) - p * af) / q;
     out[j] = Io<O>::store(r);
   }
@@ -237,14 +237,15 @@ static void mix_weight_span_t(const MixSpan& a) {
 // Stage II from the packed bits: the expanded bits are a per-element keep column, so the
 // keep-column loop (STAGE_TWO false: mk = column[j]) computes it, kBitsBlock at a time.
 template <typename K>
-static void mix_span_bits(const MixSpan& a, int64_t in_size, int64_t out_size, const K& loop) {
+static void mix_span_bits(const MixSpan& a, int64_t in_size, int64_t out_size, const K& loop,
+                          int64_t anchor_size = 0) {
   float keep[kBitsBlock];
   for (int64_t j0 = 0; j0 < a.len; j0 += kBitsBlock) {
     const int64_t len = a.len - j0 < kBitsBlock ? a.len - j0 : kBitsBlock;
     expand_bits(a.bits, a.bit0 + j0, len, keep);
     MixSpan s = a;
     s.weight = static_cast<const char*>(a.weight) + j0 * in_size;
-    if (a.anchor) s.anchor = static_cast<const char*>(a.anchor) + j0 * in_size;
+    if (a.anchor) s.anchor = static_cast<const char*>(a.anchor) + j0 * (anchor_size ? anchor_size : in_size);
     s.out = static_cast<char*>(a.out) + j0 * out_size;
     s.gam = nullptr;
     s.column = keep;
@@ -254,24 +255,27 @@ static void mix_span_bits(const MixSpan& a, int64_t in_size, int64_t out_size, c
   }
 }
 
-template <typename T, typename O>
+template <typename T, typename A, typename O>
 static void mix_weight_span_o(const MixSpan& a) {
   if (a.bits != nullptr) {
-    mix_span_bits(a, sizeof(T), sizeof(O), mix_weight_span_t<T, O, false>);
+    mix_span_bits(a, sizeof(T), sizeof(O), mix_weight_span_t<T, A, O, false>, sizeof(A));
   } else if (a.stage_two) {
-    mix_weight_span_t<T, O, true>(a);
+    mix_weight_span_t<T, A, O, true>(a);
   } else {
-    mix_weight_span_t<T, O, false>(a);
+    mix_weight_span_t<T, A, O, false>(a);
   }
 }
 
 void mix_weight_span(const MixSpan& a) {
-  if (a.bf16) {
-    if (a.out_bf16) mix_weight_span_o<uint16_t, uint16_t>(a);
-    else mix_weight_span_o<uint16_t, float>(a);
+  if (a.bf16 && a.anchor_fp32) {  // W' held in the fp32 GAM buffer
+    if (a.out_bf16) mix_weight_span_o<uint16_t, float, uint16_t>(a);
+    else mix_weight_span_o<uint16_t, float, float>(a);
+  } else if (a.bf16) {
+    if (a.out_bf16) mix_weight_span_o<uint16_t, uint16_t, uint16_t>(a);
+    else mix_weight_span_o<uint16_t, uint16_t, float>(a);
   } else {
-    if (a.out_bf16) mix_weight_span_o<float, uint16_t>(a);
-    else mix_weight_span_o<float, float>(a);
+    if (a.out_bf16) mix_weight_span_o<float, float, uint16_t>(a);
+    else mix_weight_span_o<float, float, float>(a);
   }
 }
 

@@ -16,8 +16,10 @@ Per DPS parameter and optimizer step ``t`` (1-based, per parameter like torch's 
   already masked; ``freeze=True`` leaves unselected elements untouched instead.
 
 State per DPS parameter: ``exp_avg``/``exp_avg_sq`` (param dtype, as ``torch.optim.AdamW``),
-``gam`` (fp32), ``threshold`` (0-d fp32); Mix adds ``anchor`` (W0) and ``stage_anchor``
-(W', both param dtype), ``fam`` and ``column_factor`` (fp32 per column).
+``gam`` (fp32; in host-scheduled Mix it holds W' during Stage II), ``threshold`` (0-d fp32),
+``mask_bits`` (the packed subnetwork; host-scheduled only); Mix adds ``anchor`` (W0, param
+dtype), ``fam`` and ``column_factor`` (fp32 per column), and capturable Mix ``stage_anchor``
+(W', param dtype).
 """
 from __future__ import annotations
 
@@ -42,7 +44,10 @@ MODES = ("dense", "mix")
 # State that is fp32 whatever the parameter dtype: restored as saved by load_state_dict,
 # where torch would cast it to the parameter's dtype.
 FP32_STATE_KEYS = ("gam", "fam", "threshold", "column_factor")
-STATE_FORMAT = 1
+# 2: host-scheduled Mix keeps W' in the GAM buffer during Stage II and has no stage_anchor;
+#    a state with a "stage_anchor" entry (format 1, or capturable) keeps GAM in "gam".
+STATE_FORMAT = 2
+READABLE_FORMATS = (1, 2)
 
 
 def _check_number(name, value, low, high=None, low_open=False):
@@ -241,7 +246,11 @@ class DPSAdamW(torch.optim.Optimizer):
                 state["column_factor"] = torch.ones(cols, dtype=torch.float32,
                                                     device=param.device)
                 state["anchor"] = param.detach().clone(memory_format=torch.contiguous_format)
-                state["stage_anchor"] = state["anchor"].clone()
+                if self.capturable:
+                    state["stage_anchor"] = state["anchor"].clone()
+                # Host-scheduled: no W' buffer. GAM is dead in Stage II (the subnetwork is
+                # in the bits), so the selection copies W into the GAM buffer and it is W'
+                # until the next Stage I's first step resets it to g*g (12 -> 8 B/param).
         return state
 
     # ------------------------------------------------------------------ backends
@@ -326,15 +335,18 @@ class DPSAdamW(torch.optim.Optimizer):
             if self.mode == "mix":
                 state["column_factor"].copy_(
                     ref.mix_column_factor(state["fam"], self.update_steps))
-                state["stage_anchor"].copy_(param.detach())
             by_backend.setdefault(id(backend), (backend, []))[1].append((param, group, state))
         for backend, entries in by_backend.values():
             items = [(state["gam"], state["column_factor"] if self.mode == "mix" else None,
                       selected_count(param.numel(), group["p"]))
                      for param, group, state in entries]
             backend.select_thresholds(items, out=[state["threshold"] for _, _, state in entries])
-            for (gam, factor, _), (_, _, state) in zip(items, entries):
+            for (gam, factor, _), (param, _, state) in zip(items, entries):
                 backend.pack_mask(gam, factor, state["threshold"], out=state["mask_bits"])
+                if self.mode == "mix":
+                    # The hand-over: GAM has been read for the last time this cycle; its
+                    # buffer holds W' (the Stage II anchor) from now to the next reset.
+                    gam.copy_(param.detach())
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -481,7 +493,7 @@ class DPSAdamW(torch.optim.Optimizer):
         state = self.state[param]
         if self.capturable or stage_of(state["step"] + 1, self.update_steps) == STAGE_ONE:
             return state["anchor"]
-        return state["stage_anchor"]
+        return state["gam"]   # W', held in the GAM buffer during Stage II (see _select)
 
     def is_mix_param(self, param) -> bool:
         """True when ``param`` is a DPS parameter of this optimizer in Mix mode."""
@@ -559,10 +571,26 @@ class DPSAdamW(torch.optim.Optimizer):
             raise ValueError("this state_dict was not saved by DPSAdamW (no 'dps' entry)")
         mine = self._config()
         for key, value in saved.items():
+            if key == "format" and value in READABLE_FORMATS:
+                continue
+            if key == "format":
+                raise ValueError(f"cannot load a DPSAdamW state of format {value!r}: this "
+                                 f"version reads formats {READABLE_FORMATS}")
             if mine.get(key) != value:
                 raise ValueError(f"cannot load a DPSAdamW state saved with {key}={value!r} into "
                                  f"an optimizer built with {key}={mine.get(key)!r}")
         state_dict = {k: v for k, v in state_dict.items() if k != "dps"}
+        if self.mode == "mix":
+            # Checked before anything changes: a host-scheduled Mix state in Stage II holds W'
+            # in "gam"; without its bits the subnetwork cannot be recovered.
+            for index, saved_state in state_dict["state"].items():
+                if ("gam" in saved_state and "stage_anchor" not in saved_state
+                        and "mask_bits" not in saved_state
+                        and _steps_taken(saved_state) % (2 * self.update_steps)
+                        >= self.update_steps):
+                    raise ValueError(
+                        f"state of parameter #{index}: a Mix state saved in Stage II keeps W' "
+                        f"in 'gam' and the subnetwork in 'mask_bits', which is missing")
         super().load_state_dict(state_dict)
         self._invalidate_plans()
         for group in self.param_groups:
@@ -586,6 +614,9 @@ class DPSAdamW(torch.optim.Optimizer):
                 if key in saved_state:
                     self.state[param][key] = saved_state[key].to(device=param.device,
                                                                  dtype=torch.float32, copy=True)
+            if "mask_bits" in saved_state:   # torch cast it to the param dtype: take the original
+                self.state[param]["mask_bits"] = saved_state["mask_bits"].to(
+                    device=param.device, dtype=torch.int32, copy=True)
         self._restore_mask_bits()
 
     def _restore_mask_bits(self) -> None:
@@ -600,6 +631,14 @@ class DPSAdamW(torch.optim.Optimizer):
                 if not state or "gam" not in state:
                     continue
                 if self.capturable:
+                    if self.mode == "mix" and "stage_anchor" not in state:
+                        if _steps_taken(state) % (2 * self.update_steps) >= self.update_steps:
+                            raise ValueError(
+                                "this Mix state was saved in Stage II by a host-scheduled "
+                                "optimizer, which keeps W' in the GAM buffer and the "
+                                "subnetwork in bits; a capturable optimizer needs GAM there. "
+                                "Resume with capturable=False, or from a Stage I checkpoint")
+                        state["stage_anchor"] = state["anchor"].clone()
                     state.pop("mask_bits", None)
                     continue
                 bits = state.get("mask_bits")
@@ -613,6 +652,12 @@ class DPSAdamW(torch.optim.Optimizer):
                                                        out=state["mask_bits"])
                 else:
                     state["mask_bits"] = bits.to(param.device)
+                if self.mode == "mix" and "stage_anchor" in state:
+                    # A format-1 (or capturable) state: "gam" is GAM and W' is separate. The
+                    # bits were packed from GAM above; in Stage II the GAM buffer takes W'.
+                    anchor = state.pop("stage_anchor")
+                    if _steps_taken(state) % (2 * self.update_steps) >= self.update_steps:
+                        state["gam"].copy_(anchor)
 
     # ------------------------------------------------------------------ construction helper
     @classmethod

@@ -108,6 +108,11 @@ def run_pair(mode, update_steps, steps, seed=7, layers=2):
             # absolute tolerance relative to the largest entry.
             for name in w_ref:
                 gam_ref = opt_ref.state[w_ref[name]]["gam"]
+                if mode == "mix":
+                    # dps_kernels has packed the subnetwork into bits and handed the GAM
+                    # buffer over to W' (the masks above are compared instead)
+                    assert torch.equal(gam_ref, w_ref[name].detach())
+                    continue
                 torch.testing.assert_close(authors.gam_of(w_auth[name]) * 1e3, gam_ref,
                                            rtol=1e-4, atol=1e-5 * float(gam_ref.max()))
         opt_ref.zero_grad(set_to_none=True)

@@ -27,7 +27,11 @@ def roundtrip(obj):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("stop_at", [US + 2 * US - 1, 2 * US + 2], ids=["mid-stage1", "mid-stage2"])
+# Steps 1-3 Stage I, 4-6 Stage II, 7-9 Stage I... Saved after step 8 (mid Stage I), after
+# step 4 (mid Stage II; an earlier version used 2 * US + 2 = 8 here too) and right after the
+# selection at step 3 (bits packed, Mix's GAM buffer just handed over to W').
+@pytest.mark.parametrize("stop_at", [US + 2 * US - 1, US + 1, US],
+                         ids=["mid-stage1", "mid-stage2", "at-selection"])
 @pytest.mark.parametrize("mode", ["dense", "mix"])
 def test_resume_is_bit_identical(mode, stop_at, dtype):
     kw = dict(mode=mode, p=0.4, update_steps=US, weight_decay=0.02, lr=2e-2, seed=5,
