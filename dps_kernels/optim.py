@@ -332,6 +332,8 @@ class DPSAdamW(torch.optim.Optimizer):
         """
         by_backend: dict[int, tuple[object, list]] = {}
         for param, group, state, backend in due:
+            if param.numel() == 0:
+                continue   # nothing to select: its (empty) subnetwork is its (empty) tensor
             if self.mode == "mix":
                 state["column_factor"].copy_(
                     ref.mix_column_factor(state["fam"], self.update_steps))

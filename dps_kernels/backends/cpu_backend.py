@@ -184,11 +184,15 @@ class CpuBackend(Backend):
         return write_out(torch.ops.dps_cpu.pack_mask(gam, column_factor, threshold), out)
 
     def mix_weight(self, weight, anchor, mask, p, out_dtype=None):
+        if weight.numel() == 0:   # nothing to mix (the op's pointers would be unset)
+            return torch.empty_like(weight, dtype=out_dtype or weight.dtype)
         key, keep_thr, gam, factor, thr, bits = _stage_two_args(mask)
         return torch.ops.dps_cpu.mix_weight(weight, anchor, mask.cols, key, keep_thr, gam, factor,
                                             thr, float(p), out_dtype, bits)
 
     def mix_grad(self, grad, mask):
+        if grad.numel() == 0:
+            return torch.empty_like(grad)
         key, keep_thr, gam, factor, thr, bits = _stage_two_args(mask)
         return torch.ops.dps_cpu.mix_grad(grad, mask.cols, key, keep_thr, gam, factor, thr, bits)
 
