@@ -31,6 +31,7 @@ from typing import Optional
 
 import torch
 
+from . import checkpoint
 from . import reference as ref
 from .backends import BACKEND_NAMES, auto_backend_name, get_backend, unavailable_reason
 from .group_plan import GroupPlan, mix_factor_table
@@ -41,13 +42,6 @@ from .schedule import (STAGE_ONE, is_last_of_stage_one, is_stage_start, resolve_
 from .step_types import MAX_TENSOR_ELEMENTS, GroupStep, MixMask, StepKind, TensorStep
 
 MODES = ("dense", "mix")
-# State that is fp32 whatever the parameter dtype: restored as saved by load_state_dict,
-# where torch would cast it to the parameter's dtype.
-FP32_STATE_KEYS = ("gam", "fam", "threshold", "column_factor")
-# 2: host-scheduled Mix keeps W' in the GAM buffer during Stage II and has no stage_anchor;
-#    a state with a "stage_anchor" entry (format 1, or capturable) keeps GAM in "gam".
-STATE_FORMAT = 2
-READABLE_FORMATS = (1, 2)
 
 
 def _check_number(name, value, low, high=None, low_open=False):
@@ -59,12 +53,9 @@ def _check_number(name, value, low, high=None, low_open=False):
 
 
 _GRAD = operator.attrgetter("grad")
-
-
-def _steps_taken(state: dict) -> int:
-    """``state["step"]`` as an int (a device tensor when capturable: this syncs)."""
-    step = state.get("step", 0)
-    return int(step.item()) if torch.is_tensor(step) else step
+_steps_taken = checkpoint.steps_taken
+STATE_FORMAT = checkpoint.STATE_FORMAT            # re-exported (older imports)
+FP32_STATE_KEYS = checkpoint.FP32_STATE_KEYS
 
 
 class DPSAdamW(torch.optim.Optimizer):
@@ -559,107 +550,21 @@ class DPSAdamW(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ checkpoints
     def _config(self) -> dict:
-        return {"format": STATE_FORMAT, "mode": self.mode, "update_steps": self.update_steps,
-                "seed": self.seed, "adamw_style": self.adamw_style}
+        return checkpoint.config(self)
 
     def state_dict(self):
         sd = super().state_dict()
-        sd["dps"] = self._config()
+        sd["dps"] = checkpoint.config(self)
         return sd
 
     def load_state_dict(self, state_dict):
-        saved = state_dict.get("dps")
-        if saved is None:
-            raise ValueError("this state_dict was not saved by DPSAdamW (no 'dps' entry)")
-        mine = self._config()
-        for key, value in saved.items():
-            if key == "format" and value in READABLE_FORMATS:
-                continue
-            if key == "format":
-                raise ValueError(f"cannot load a DPSAdamW state of format {value!r}: this "
-                                 f"version reads formats {READABLE_FORMATS}")
-            if mine.get(key) != value:
-                raise ValueError(f"cannot load a DPSAdamW state saved with {key}={value!r} into "
-                                 f"an optimizer built with {key}={mine.get(key)!r}")
-        state_dict = {k: v for k, v in state_dict.items() if k != "dps"}
-        if self.mode == "mix":
-            # Checked before anything changes: a host-scheduled Mix state in Stage II holds W'
-            # in "gam"; without its bits the subnetwork cannot be recovered.
-            for index, saved_state in state_dict["state"].items():
-                if ("gam" in saved_state and "stage_anchor" not in saved_state
-                        and "mask_bits" not in saved_state
-                        and _steps_taken(saved_state) % (2 * self.update_steps)
-                        >= self.update_steps):
-                    raise ValueError(
-                        f"state of parameter #{index}: a Mix state saved in Stage II keeps W' "
-                        f"in 'gam' and the subnetwork in 'mask_bits', which is missing")
-        super().load_state_dict(state_dict)
+        """Load a DPSAdamW state (see ``checkpoint.py``): the DPS settings (mode, stage
+        length, seed, AdamW style) must match, ``p`` may differ (the next selection uses the
+        optimizer's); what cannot be loaded is refused before anything changes."""
+        torch_part = checkpoint.check_before_load(self, state_dict)
+        super().load_state_dict(torch_part)
         self._invalidate_plans()
-        for group in self.param_groups:
-            # a run may be resumed with or without capturable: the flag is the optimizer's
-            group["capturable"] = self.capturable
-            for param in group["params"]:
-                state = self.state.get(param)
-                if state and "step" in state:
-                    steps = _steps_taken(state)
-                    state["step"] = (torch.tensor(float(steps), dtype=torch.float32,
-                                                  device=param.device)
-                                     if self.capturable else steps)
-        # torch casts every floating state tensor to the parameter's dtype; GAM, FAM and
-        # the thresholds must stay fp32 (a bf16 GAM would change the selection).
-        saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
-        for saved_id, param in zip(saved_ids, params):
-            saved_state = state_dict["state"].get(saved_id, {})
-            for key in FP32_STATE_KEYS + (("exp_avg", "exp_avg_sq") if self.fp32_moments
-                                          else ()):
-                if key in saved_state:
-                    self.state[param][key] = saved_state[key].to(device=param.device,
-                                                                 dtype=torch.float32, copy=True)
-            if "mask_bits" in saved_state:   # torch cast it to the param dtype: take the original
-                self.state[param]["mask_bits"] = saved_state["mask_bits"].to(
-                    device=param.device, dtype=torch.int32, copy=True)
-        self._restore_mask_bits()
-
-    def _restore_mask_bits(self) -> None:
-        """After a load: the packed subnetwork must match GAM and the threshold. States saved
-        before the bits existed, or by a capturable optimizer (which keeps none), get them
-        packed here; a capturable optimizer drops them."""
-        for group in self.param_groups:
-            if not group["dps"]:
-                continue
-            for param in group["params"]:
-                state = self.state.get(param)
-                if not state or "gam" not in state:
-                    continue
-                if self.capturable:
-                    if self.mode == "mix" and "stage_anchor" not in state:
-                        if _steps_taken(state) % (2 * self.update_steps) >= self.update_steps:
-                            raise ValueError(
-                                "this Mix state was saved in Stage II by a host-scheduled "
-                                "optimizer, which keeps W' in the GAM buffer and the "
-                                "subnetwork in bits; a capturable optimizer needs GAM there. "
-                                "Resume with capturable=False, or from a Stage I checkpoint")
-                        state["stage_anchor"] = state["anchor"].clone()
-                    state.pop("mask_bits", None)
-                    continue
-                bits = state.get("mask_bits")
-                if (bits is None or bits.dtype != torch.int32
-                        or bits.numel() != num_words(param.numel())):
-                    state["mask_bits"] = torch.zeros(num_words(param.numel()),
-                                                     dtype=torch.int32, device=param.device)
-                    factor = state["column_factor"] if self.mode == "mix" else None
-                    self._backend_for(param).pack_mask(state["gam"], factor,
-                                                       state["threshold"],
-                                                       out=state["mask_bits"])
-                else:
-                    state["mask_bits"] = bits.to(param.device)
-                if self.mode == "mix" and "stage_anchor" in state:
-                    # A format-1 (or capturable) state: "gam" is GAM and W' is separate. The
-                    # bits were packed from GAM above; in Stage II the GAM buffer takes W'.
-                    anchor = state.pop("stage_anchor")
-                    if _steps_taken(state) % (2 * self.update_steps) >= self.update_steps:
-                        state["gam"].copy_(anchor)
+        checkpoint.restore_after_load(self, torch_part)
 
     # ------------------------------------------------------------------ construction helper
     @classmethod

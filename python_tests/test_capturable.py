@@ -262,3 +262,20 @@ def test_tensor_lr_updated_in_place_is_followed():
         models.append(model)
     for a, b in zip(*(m.parameters() for m in models)):
         assert torch.equal(a, b)
+
+
+def test_capturable_refuses_a_host_scheduled_mix_stage_two_state_unchanged():
+    """Host-scheduled Mix keeps W' in the GAM buffer in Stage II: a capturable optimizer
+    (which needs GAM there) refuses the state, and the refusal changes nothing."""
+    _, host_opt, _, _ = _train("mix", False, _batches(3))   # next step: Stage II
+    model = _model()
+    opt = DPSAdamW.from_model(model, mode="mix", p=0.4, update_steps=US, lr=5e-3,
+                              weight_decay=0.01, seed=3, backend="triton", capturable=True)
+    before = {id(p): {k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()}
+              for p, s in opt.state.items()}
+    with pytest.raises(ValueError, match="capturable=False"):
+        opt.load_state_dict(host_opt.state_dict())
+    for p, s in opt.state.items():
+        assert s.keys() == before[id(p)].keys()
+        assert all(torch.equal(v, before[id(p)][k]) if torch.is_tensor(v)
+                   else v == before[id(p)][k] for k, v in s.items())
