@@ -1,28 +1,39 @@
 """DPSAdamW checkpoints: what ``state_dict`` adds, what ``load_state_dict`` checks and restores.
 
-State format 2 (``STATE_FORMAT``): host-scheduled Mix keeps W' in the GAM buffer during
+State format 3 (``STATE_FORMAT``): host-scheduled Mix keeps W' in the GAM buffer during
 Stage II (the subnetwork is in ``mask_bits``) and has no ``stage_anchor``; a state with a
 ``stage_anchor`` entry (format 1, or saved by a capturable optimizer) keeps GAM in ``gam``.
-Format 1 states are converted on load.
+Format 1 states are converted on load. Format 3 adds to the ``"dps"`` entry the saved ids
+of the parameters that had state (``params_with_state``), so a state missing from the
+checkpoint is told from a parameter that never had a gradient.
 
-``load_state_dict`` checks what it can before anything changes (the DPS configuration, the
-format, recoverability of Mix Stage II states), then lets torch load, then undoes what
-torch's loader does to DPS state (it casts every floating tensor to the parameter's dtype:
-GAM, FAM, thresholds, fp32 moments must stay fp32; it casts the int32 bits too) and converts
-between layouts (step counters for capturable, the packed bits, W').
+``load_state_dict`` checks everything before anything changes (:func:`check_before_load`:
+the DPS configuration, the format, the param groups and their hyperparameters, every
+parameter's state: keys, shapes, dtypes, step, recoverability of Mix Stage II states), then
+lets torch load, then undoes what torch's loader does to DPS state (it casts every floating
+tensor to the parameter's dtype: GAM, FAM, thresholds, fp32 moments must stay fp32; it casts
+the int32 bits too) and converts between layouts (step counters for capturable, the packed
+bits, W'). Should that second part still fail, the optimizer gets its previous state back.
 """
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 
 from .mask_bits import num_words
+from .mask_hash import columns_of
 
 # 2: host-scheduled Mix keeps W' in the GAM buffer during Stage II and has no stage_anchor;
 #    a state with a "stage_anchor" entry (format 1, or capturable) keeps GAM in "gam".
-STATE_FORMAT = 2
-READABLE_FORMATS = (1, 2)
+# 3: the "dps" entry lists the saved ids of the parameters that had state.
+STATE_FORMAT = 3
+READABLE_FORMATS = (1, 2, 3)
+WITH_STATE = "params_with_state"   # the "dps" entry's list (not a setting to match)
+# What a saved param group must carry (torch's loader replaces the optimizer's groups with
+# the saved ones, so a missing key would fail at the next step).
+GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "p", "freeze", "dps")
 # State that is fp32 whatever the parameter dtype: restored as saved by load_state_dict,
 # where torch would cast it to the parameter's dtype.
 FP32_STATE_KEYS = ("gam", "fam", "threshold", "column_factor")
@@ -45,13 +56,55 @@ def config(opt) -> dict:
             "seed": opt.seed, "adamw_style": opt.adamw_style}
 
 
+def state_dict(opt, torch_part: dict) -> dict:
+    """``Optimizer.state_dict()`` plus the ``"dps"`` entry."""
+    torch_part["dps"] = {**config(opt), WITH_STATE: sorted(torch_part["state"])}
+    return torch_part
+
+
+def load(opt, state_dict: dict, torch_load) -> None:
+    """``opt.load_state_dict``: check, let torch (``torch_load``) load, restore."""
+    torch_part = check_before_load(opt, state_dict)
+    before = opt.state, opt.param_groups   # torch's loader replaces both, never edits them
+    try:
+        torch_load(torch_part)
+        restore_after_load(opt, torch_part)
+    except BaseException:
+        opt.state, opt.param_groups = before
+        raise
+    finally:
+        opt._invalidate_plans()
+
+
 def check_before_load(opt, state_dict: dict) -> dict:
     """Refuse what cannot be loaded, before anything changes; returns the torch part."""
-    saved = state_dict.get("dps")
-    if saved is None:
+    if not isinstance(state_dict, dict) or not isinstance(state_dict.get("dps"), dict):
         raise ValueError("this state_dict was not saved by DPSAdamW (no 'dps' entry)")
+    saved = state_dict["dps"]
+    _check_config(opt, saved)
+    torch_part = {k: v for k, v in state_dict.items() if k != "dps"}
+    pairs = _check_groups(opt, torch_part)
+    states = torch_part["state"]
+    with_state = saved.get(WITH_STATE)   # None before format 3: nothing to compare with
+    if with_state is not None and not isinstance(with_state, (list, tuple)):
+        raise ValueError(f"the 'dps' entry's {WITH_STATE!r} must be a list of parameter ids, "
+                         f"got {with_state!r}")
+    with_state = None if with_state is None else set(with_state)
+    for saved_id, param, group in pairs:
+        where = f"parameter #{opt._param_index[id(param)]} (shape {tuple(param.shape)})"
+        if saved_id in states:
+            _check_param_state(opt, where, param, group, states[saved_id])
+        elif with_state is not None and saved_id in with_state:
+            raise ValueError(f"the state of {where} is missing, but it had state when saved "
+                             f"(it had stepped): loading would restart it at step 0")
+    return torch_part
+
+
+def _check_config(opt, saved: dict) -> None:
     mine = config(opt)
     for key, value in saved.items():
+        if key == WITH_STATE:
+            continue
         if key == "format":
             if value not in READABLE_FORMATS:
                 raise ValueError(f"cannot load a DPSAdamW state of format {value!r}: this "
@@ -59,23 +112,122 @@ def check_before_load(opt, state_dict: dict) -> dict:
         elif mine.get(key) != value:
             raise ValueError(f"cannot load a DPSAdamW state saved with {key}={value!r} into "
                              f"an optimizer built with {key}={mine.get(key)!r}")
+
+
+def _check_groups(opt, torch_part: dict) -> list:
+    """The saved groups against the optimizer's; ``[(saved_id, param, group)]``."""
+    if not isinstance(torch_part.get("state"), dict):
+        raise ValueError("this state_dict has no 'state' dict")
+    if not isinstance(torch_part.get("param_groups"), (list, tuple)):
+        raise ValueError("this state_dict has no 'param_groups' list")
+    saved_groups = torch_part["param_groups"]
+    if len(saved_groups) != len(opt.param_groups):
+        raise ValueError(f"the state has {len(saved_groups)} param groups, the optimizer "
+                         f"{len(opt.param_groups)}")
+    pairs = []
+    for index, (saved, group) in enumerate(zip(saved_groups, opt.param_groups)):
+        what = f"param group #{index} of the state"
+        missing = [key for key in GROUP_KEYS + ("params",) if key not in saved]
+        if missing:
+            raise ValueError(f"{what} has no {missing[0]!r}")
+        if len(saved["params"]) != len(group["params"]):
+            raise ValueError(f"{what} has {len(saved['params'])} parameters, the optimizer's "
+                             f"group #{index} {len(group['params'])}")
+        if saved["dps"] != group["dps"]:
+            raise ValueError(f"{what} has dps={saved['dps']!r}, the optimizer's group "
+                             f"#{index} dps={group['dps']!r}")
+        try:
+            opt._check_group_values(saved)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{what}: {error}") from None
+        pairs += [(saved_id, param, group) for saved_id, param in zip(saved["params"],
+                                                                         group["params"])]
+    listed = {saved_id for saved_id, _, _ in pairs}
+    if len(listed) != len(pairs):
+        raise ValueError("the state's param groups list a parameter id twice")
+    stray = [key for key in torch_part["state"] if key not in listed]
+    if stray:
+        raise ValueError(f"the state has an entry for parameter id {stray[0]!r}, which no "
+                         f"param group of the state lists")
+    return pairs
+
+
+def _expected_shapes(opt, param, group) -> dict:
+    """Every state tensor a parameter of ``group`` needs, with its shape."""
+    shape = tuple(param.shape)
+    keys = {"exp_avg": shape, "exp_avg_sq": shape}
+    if group["dps"]:
+        keys.update(gam=shape, threshold=())
+        if opt.mode == "mix":
+            cols = (columns_of(param.shape),)
+            keys.update(fam=cols, column_factor=cols, anchor=shape)
+    return keys
+
+
+def _check_param_state(opt, where: str, param, group, state) -> None:
+    if not isinstance(state, dict):
+        raise ValueError(f"the state of {where} is a {type(state).__name__}, not a dict")
+    if "step" not in state:
+        raise ValueError(f"the state of {where} has no 'step'")
+    _check_step(where, state["step"])
+    for key, shape in _expected_shapes(opt, param, group).items():
+        if key not in state:
+            raise ValueError(f"the state of {where} has no {key!r}")
+        _check_tensor(where, key, state[key], shape)
+    if not group["dps"]:
+        return
+    if opt.mode == "mix" and "stage_anchor" in state:   # W' apart: format 1, capturable
+        _check_tensor(where, "stage_anchor", state["stage_anchor"], tuple(param.shape))
+    bits = state.get("mask_bits")   # optional: packed again on load when absent
+    words = (num_words(param.numel()),)
+    if bits is not None and not (torch.is_tensor(bits) and bits.dtype == torch.int32
+                                 and tuple(bits.shape) == words):
+        raise ValueError(f"the state of {where}: 'mask_bits' must be an int32 tensor of "
+                         f"shape {words}, got {_describe(bits)}")
     if opt.mode == "mix":
-        for index, state in state_dict["state"].items():
-            if ("gam" not in state or "stage_anchor" in state
-                    or not in_stage_two(state, opt.update_steps)):
-                continue
-            # A host-scheduled Mix state in Stage II: W' is in "gam", GAM itself is gone.
-            if "mask_bits" not in state:
-                raise ValueError(f"state of parameter #{index}: a Mix state saved in Stage II "
-                                 f"keeps W' in 'gam' and the subnetwork in 'mask_bits', "
-                                 f"which is missing")
-            if opt.capturable:
-                raise ValueError(
-                    f"state of parameter #{index} was saved in Mix Stage II by a "
-                    f"host-scheduled optimizer, which keeps W' in the GAM buffer and the "
-                    f"subnetwork in bits; a capturable optimizer needs GAM there. Resume "
-                    f"with capturable=False, or from a Stage I checkpoint")
-    return {k: v for k, v in state_dict.items() if k != "dps"}
+        _check_mix_stage_two(opt, where, state)
+
+
+def _check_tensor(where: str, key: str, value, shape: tuple) -> None:
+    if not torch.is_tensor(value) or not value.is_floating_point():
+        raise ValueError(f"the state of {where}: {key!r} must be a floating-point tensor, "
+                         f"got {_describe(value)}")
+    if tuple(value.shape) != shape:
+        raise ValueError(f"the state of {where}: {key!r} has shape {tuple(value.shape)}, "
+                         f"expected {shape}")
+
+
+def _check_step(where: str, step) -> None:
+    if torch.is_tensor(step) and step.numel() == 1 and not step.is_complex():
+        value = step.item()
+    else:
+        value = step
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value) and value >= 0 and value == int(value))
+    if not ok:
+        raise ValueError(f"the state of {where}: 'step' must be a count of steps (an int >= 0, "
+                         f"or a one-element tensor holding one), got {_describe(step)}")
+
+
+def _describe(value) -> str:
+    if torch.is_tensor(value):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return repr(value)
+
+
+def _check_mix_stage_two(opt, where: str, state: dict) -> None:
+    """A host-scheduled Mix state in Stage II holds W' in 'gam': GAM itself is gone."""
+    if "stage_anchor" in state or not in_stage_two(state, opt.update_steps):
+        return
+    if "mask_bits" not in state:
+        raise ValueError(f"the state of {where}: a Mix state saved in Stage II keeps W' in "
+                         f"'gam' and the subnetwork in 'mask_bits', which is missing")
+    if opt.capturable:
+        raise ValueError(
+            f"the state of {where} was saved in Mix Stage II by a host-scheduled optimizer, "
+            f"which keeps W' in the GAM buffer and the subnetwork in bits; a capturable "
+            f"optimizer needs GAM there. Resume with capturable=False, or from a Stage I "
+            f"checkpoint")
 
 
 def restore_after_load(opt, state_dict: dict) -> None:

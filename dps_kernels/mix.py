@@ -11,6 +11,10 @@ All state lives in the optimizer, per parameter, and the mask depends only on
 micro-batches of one optimizer step share one mask (the step advances only in
 ``optimizer.step()``), a recomputed forward under gradient checkpointing uses the same
 mask, and several models with their own optimizers in one process never interact.
+
+The wiring is not part of the model's data: a ``copy.deepcopy`` or a pickle of a wired
+model is a plain model (inert hooks), and the Parameters carry no reference to the
+optimizer, so ``torch.save(model)`` works.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import weakref
 
 import torch
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 
 class _MixWeight(torch.autograd.Function):
@@ -42,6 +47,11 @@ def mixed_weight(optimizer, param: torch.Tensor) -> torch.Tensor:
     return _MixWeight.apply(param, anchor, mask, p, optimizer._backend_for(param))
 
 
+# param -> weakref to the optimizer it is wired to. Kept here, not on the Parameter, so a
+# wired Parameter pickles (a weakref attribute would not) and a copy carries no wiring.
+_OWNERS = WeakIdKeyDictionary()
+
+
 class MixHandle:
     """Returned by :func:`attach`; ``remove()`` unwires the model."""
 
@@ -56,7 +66,7 @@ class MixHandle:
             hook.remove()
         for param in self.params:
             self.optimizer._wired.pop(id(param), None)
-            param.__dict__.pop("_dps_mix_owner", None)
+            _OWNERS.pop(param, None)
         self.hooks.clear()
         self.params.clear()
 
@@ -66,13 +76,17 @@ def attach(model: nn.Module, optimizer) -> MixHandle:
 
     Raises if ``optimizer`` is not a ``DPSAdamW(mode="mix")``, if no parameter of the model
     is a Mix DPS parameter of it, or if a parameter is already wired to another optimizer.
-    """
-    from .optim import DPSAdamW
 
-    if not isinstance(optimizer, DPSAdamW) or optimizer.mode != "mix":
+    The wiring belongs to this model object: a ``copy.deepcopy`` or a pickle
+    (``torch.save(model)``) of the model is a plain, unwired model (its hooks do nothing);
+    wire the copy with ``attach(copy, its_optimizer)``.
+    """
+    # Duck-typed (DPSAdamW's own attribute) so this module need not import optim.py.
+    is_dps = getattr(optimizer, "_is_dps_adamw", False)
+    if not is_dps or optimizer.mode != "mix":
+        detail = f"(mode={optimizer.mode!r})" if is_dps else ""
         raise ValueError("attach() needs a DPSAdamW optimizer built with mode='mix', "
-                         f"got {type(optimizer).__name__}"
-                         f"{'(mode=%r)' % optimizer.mode if isinstance(optimizer, DPSAdamW) else ''}")
+                         f"got {type(optimizer).__name__}{detail}")
     candidates = [(module, name) for module in model.modules()
                   for name, param in module.named_parameters(recurse=False)
                   if optimizer.is_mix_param(param)]
@@ -85,39 +99,53 @@ def attach(model: nn.Module, optimizer) -> MixHandle:
         param = module._parameters[name]
         if id(param) in optimizer._wired:
             continue  # attach() called twice: keep the first wiring
-        owner = getattr(param, "_dps_mix_owner", None)
+        owner = _OWNERS.get(param)
         if owner is not None and owner() is not None and owner() is not optimizer:
             raise RuntimeError(f"parameter {name!r} of {type(module).__name__} is already "
                                f"wired to another DPSAdamW; one optimizer per parameter")
         by_module.setdefault(module, []).append(name)
     for module, names in by_module.items():
-        handle.hooks.extend(_hook_module(module, names, optimizer))
-        for name in names:
-            param = module._parameters[name]
-            param._dps_mix_owner = weakref.ref(optimizer)
+        swap = _MixSwap(optimizer, {name: module._parameters[name] for name in names})
+        handle.hooks += [module.register_forward_pre_hook(swap.swap_in),
+                         module.register_forward_hook(swap.swap_out, always_call=True)]
+        for param in swap.params.values():
+            _OWNERS[param] = weakref.ref(optimizer)
             optimizer._wired[id(param)] = handle
             handle.params.append(param)
     return handle
 
 
-def _hook_module(module: nn.Module, names: list[str], optimizer):
-    params = {name: module._parameters[name] for name in names}
-    depth = [0]  # nested calls of the same module keep the outermost swap
+class _MixSwap:
+    """The forward pre-hook (``swap_in``) and hook (``swap_out``) of one wired module.
 
-    def swap_in(mod, args):
-        depth[0] += 1
-        if depth[0] > 1 or not mod.training:
+    An object rather than closures so that a copy of the model can drop the wiring: a
+    deepcopy or an unpickled copy of the module gets an inert ``_MixSwap`` (its hooks do
+    nothing), never one that would put the original's Parameters into the copy or mix the
+    copy's forward with the original optimizer's state.
+    """
+
+    def __init__(self, optimizer=None, params=None):
+        self.optimizer = optimizer   # None: inert
+        self.params = params or {}
+        self.depth = 0               # nested calls of the same module keep the outermost swap
+
+    def swap_in(self, mod, args):
+        self.depth += 1
+        if self.optimizer is None or self.depth > 1 or not mod.training:
             return None
-        for name, param in params.items():
-            mod._parameters[name] = mixed_weight(optimizer, param)
+        for name, param in self.params.items():
+            mod._parameters[name] = mixed_weight(self.optimizer, param)
         return None
 
-    def swap_out(mod, args, output):
-        depth[0] -= 1
-        if depth[0] == 0:
-            for name, param in params.items():
+    def swap_out(self, mod, args, output):
+        self.depth -= 1
+        if self.depth == 0:
+            for name, param in self.params.items():
                 mod._parameters[name] = param
         return None
 
-    return [module.register_forward_pre_hook(swap_in),
-            module.register_forward_hook(swap_out, always_call=True)]
+    def __deepcopy__(self, memo):
+        return _MixSwap()
+
+    def __reduce__(self):
+        return (_MixSwap, ())

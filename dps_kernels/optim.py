@@ -37,6 +37,8 @@ from .backends import BACKEND_NAMES, auto_backend_name, get_backend, unavailable
 from .group_plan import GroupPlan, mix_factor_table
 from .mask_bits import num_words, unpack_mask
 from .mask_hash import column_keep_mask, columns_of, key_base, keep_threshold, step_key
+from .mix import attach
+from .model_groups import build_param_groups
 from .schedule import (STAGE_ONE, is_last_of_stage_one, is_stage_start, resolve_update_steps,
                        selected_count, stage_of)
 from .step_types import MAX_TENSOR_ELEMENTS, GroupStep, MixMask, StepKind, TensorStep
@@ -53,6 +55,9 @@ def _check_number(name, value, low, high=None, low_open=False):
 
 
 _GRAD = operator.attrgetter("grad")
+# What a copy or a pickle of the optimizer keeps besides torch's defaults/state/groups.
+_PICKLED_SETTINGS = ("mode", "update_steps", "adamw_style", "seed", "backend_request",
+                     "capturable", "fp32_moments")
 _steps_taken = checkpoint.steps_taken
 STATE_FORMAT = checkpoint.STATE_FORMAT            # re-exported (older imports)
 FP32_STATE_KEYS = checkpoint.FP32_STATE_KEYS
@@ -86,6 +91,8 @@ class DPSAdamW(torch.optim.Optimizer):
             per parameter for bf16/fp16 over torch's AdamW, which keeps them in the
             parameter's dtype); recommended for fp16 parameters. No effect on fp32 ones.
     """
+
+    _is_dps_adamw = True   # what mix.attach() checks (it does not import this module)
 
     @property
     def _step_supports_amp_scaling(self) -> bool:
@@ -121,13 +128,7 @@ class DPSAdamW(torch.optim.Optimizer):
         self.adamw_style = adamw_style
         self.seed = seed
         self.backend_request = backend
-        self._param_index: dict[int, int] = {}   # id(param) -> index (hash key, messages)
-        self._group_index: dict[int, int] = {}   # id(param) -> index into param_groups
-        self._backend_cache: dict[int, object] = {}
-        self._fallback_warned: set[tuple[str, str]] = set()
-        self._wired: dict[int, object] = {}  # id(param) -> wiring handle (Mix)
-        self._plans: dict[int, GroupPlan] = {}   # group index -> cached step data
-        self._factor_table = None                # capturable Mix (group_plan.mix_factor_table)
+        self._init_bookkeeping()
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, p=p,
                         freeze=freeze, dps=True, capturable=capturable)
         super().__init__(params, defaults)
@@ -143,6 +144,42 @@ class DPSAdamW(torch.optim.Optimizer):
                 if group["dps"]:
                     for param in group["params"]:
                         self._init_state(param, group)
+
+    def _init_bookkeeping(self) -> None:
+        """The maps keyed by ``id(param)`` and the caches: never copied or pickled."""
+        self._param_index: dict[int, int] = {}   # id(param) -> index (hash key, messages)
+        self._group_index: dict[int, int] = {}   # id(param) -> index into param_groups
+        self._backend_cache: dict[int, object] = {}
+        self._fallback_warned: set[tuple[str, str]] = set()
+        self._wired: dict[int, object] = {}  # id(param) -> wiring handle (Mix)
+        self._plans: dict[int, GroupPlan] = {}   # group index -> cached step data
+        self._factor_table = None                # capturable Mix (group_plan.mix_factor_table)
+
+    # ------------------------------------------------------------------ copies, pickles
+    def __getstate__(self):
+        """torch pickles ``defaults``, ``state`` and ``param_groups`` only; the DPS settings
+        and each parameter's index (the Mix hash key) travel with them."""
+        state = super().__getstate__()
+        state.update({name: getattr(self, name) for name in _PICKLED_SETTINGS})
+        state["_dps_param_indices"] = [self._param_index[id(p)] for g in self.param_groups
+                                       for p in g["params"]]
+        return state
+
+    def __setstate__(self, state):
+        """A ``copy.deepcopy`` or unpickled optimizer: the id-keyed maps are rebuilt for its
+        own parameters; plans and backends are rebuilt at its first step. Mix wiring is not
+        copied (the model's is not either): ``attach(copied_model, copied_optimizer)``."""
+        state = dict(state)
+        indices = state.pop("_dps_param_indices", None)
+        super().__setstate__(state)
+        if indices is None:
+            return   # torch's load_state_dict swapping state and groups: the maps still hold
+        self._init_bookkeeping()
+        params = ((group_index, param) for group_index, group in enumerate(self.param_groups)
+                  for param in group["params"])
+        for (group_index, param), index in zip(params, indices, strict=True):
+            self._param_index[id(param)] = index
+            self._group_index[id(param)] = group_index
 
     # ------------------------------------------------------------------ groups, state
     def add_param_group(self, param_group):
@@ -162,7 +199,9 @@ class DPSAdamW(torch.optim.Optimizer):
             raise
         self._plans.clear()
 
-    def _validate_group(self, group: dict, group_index: int) -> None:
+    @staticmethod
+    def _check_group_values(group: dict) -> None:
+        """The hyperparameters of a group (also of a group being loaded from a state)."""
         _check_number("lr", group["lr"] if not torch.is_tensor(group["lr"])
                       else float(group["lr"]), 0.0)
         _check_number("eps", group["eps"], 0.0)
@@ -176,6 +215,9 @@ class DPSAdamW(torch.optim.Optimizer):
         for flag in ("freeze", "dps"):
             if not isinstance(group[flag], bool):
                 raise TypeError(f"{flag} must be a bool, got {group[flag]!r}")
+
+    def _validate_group(self, group: dict, group_index: int) -> None:
+        self._check_group_values(group)
         if group["capturable"] != self.capturable:
             raise ValueError(f"capturable is set per optimizer ({self.capturable}); a group "
                              f"cannot set capturable={group['capturable']!r}")
@@ -349,27 +391,40 @@ class DPSAdamW(torch.optim.Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None) if self.capturable else None
         found_inf = getattr(self, "found_inf", None) if self.capturable else None
-        for index, group in enumerate(self.param_groups):
-            plan = self._plans.get(index)
-            if plan is not None and not plan.still_valid(group):
-                plan = None
-            if plan is not None and (plan.t is not None or plan.capturable):
-                grads = list(map(_GRAD, plan.params))
-                if not any(map(operator.is_, grads, itertools.repeat(None))):
-                    if plan.capturable:
-                        self._step_capturable(group, plan, grads, grad_scale, found_inf)
-                    else:
-                        self._step_planned(group, plan, grads)
-                    continue
-                if plan.capturable and not all(g is None for g in grads):
-                    missing = next(p for p, g in zip(plan.params, grads) if g is None)
-                    raise RuntimeError(
-                        f"capturable=True needs every parameter of a group to have a gradient "
-                        f"at each step (or none), but parameter "
-                        f"#{self._param_index[id(missing)]} (shape {tuple(missing.shape)}) has "
-                        f"none")
-            self._step_general(index, group, grad_scale, found_inf)
+        # Every check before any update: a step refused for one group changes no group.
+        routes = [self._route(index, group) for index, group in enumerate(self.param_groups)]
+        for index, (group, (plan, grads)) in enumerate(zip(self.param_groups, routes)):
+            if plan is None:
+                self._step_general(index, group, grad_scale, found_inf)
+            elif plan.capturable:
+                self._step_capturable(group, plan, grads, grad_scale, found_inf)
+            else:
+                self._step_planned(group, plan, grads)
         return loss
+
+    def _route(self, index: int, group: dict):
+        """``(plan, grads)`` when the group's cached plan can take this step, else
+        ``(None, None)`` once the general path's checks passed. Changes nothing."""
+        plan = self._plans.get(index)
+        if plan is not None and not plan.still_valid(group):
+            plan = None
+        if plan is not None and (plan.t is not None or plan.capturable):
+            grads = list(map(_GRAD, plan.params))
+            if not any(map(operator.is_, grads, itertools.repeat(None))):
+                return plan, grads
+        self._check_general(group)
+        return None, None
+
+    def _check_general(self, group: dict) -> None:
+        with_grad = [param for param in group["params"] if param.grad is not None]
+        for param in with_grad:
+            self._check_grad(param, group)
+        if self.capturable and with_grad and len(with_grad) != len(group["params"]):
+            missing = next(param for param in group["params"] if param.grad is None)
+            raise RuntimeError(
+                f"capturable=True needs every parameter of a group to have a gradient at each "
+                f"step (or none), but parameter #{self._param_index[id(missing)]} (shape "
+                f"{tuple(missing.shape)}) has none")
 
     def _step_planned(self, group: dict, plan: GroupPlan, grads: list) -> None:
         """The usual step: every parameter of the group has a gradient and one step t."""
@@ -427,14 +482,14 @@ class DPSAdamW(torch.optim.Optimizer):
 
     def _step_general(self, index: int, group: dict, grad_scale, found_inf) -> None:
         """Any step: per-parameter steps may differ (a parameter without a gradient at some
-        step does not advance). Builds the group's plan for the next steps when it can."""
+        step does not advance). Builds the group's plan for the next steps when it can. The
+        gradients were checked (``_check_general``) before any group stepped."""
         self._plans.pop(index, None)
         batches: dict = {}
         stepped = []
         for param in group["params"]:
             if param.grad is None:
                 continue
-            self._check_grad(param, group)
             state = self._init_state(param, group)
             backend = self._backend_for(param)
             t = None if self.capturable else state["step"] + 1
@@ -442,10 +497,6 @@ class DPSAdamW(torch.optim.Optimizer):
             stepped.append((param, state, t, backend))
         if self.capturable:
             if stepped:
-                if len(stepped) != len(group["params"]):
-                    raise RuntimeError(
-                        "capturable=True needs every parameter of a group to have a gradient "
-                        "at each step (or none)")
                 plan = self._plans[index] = GroupPlan(self, group)
                 self._step_capturable(group, plan, [p.grad for p in plan.params],
                                       grad_scale, found_inf)
@@ -553,18 +604,28 @@ class DPSAdamW(torch.optim.Optimizer):
         return checkpoint.config(self)
 
     def state_dict(self):
-        sd = super().state_dict()
-        sd["dps"] = checkpoint.config(self)
-        return sd
+        return checkpoint.state_dict(self, super().state_dict())
 
     def load_state_dict(self, state_dict):
-        """Load a DPSAdamW state (see ``checkpoint.py``): the DPS settings (mode, stage
-        length, seed, AdamW style) must match, ``p`` may differ (the next selection uses the
-        optimizer's); what cannot be loaded is refused before anything changes."""
-        torch_part = checkpoint.check_before_load(self, state_dict)
-        super().load_state_dict(torch_part)
-        self._invalidate_plans()
-        checkpoint.restore_after_load(self, torch_part)
+        """Load a state saved by :meth:`state_dict` (checks and conversions: ``checkpoint.py``).
+
+        Everything is checked before anything changes, and a refused state leaves the
+        optimizer as it was: the DPS settings (mode, stage length, seed, AdamW style) must
+        match; the param groups must match in number, sizes and ``dps`` flag; every saved
+        per-parameter state must hold the tensors its group's mode needs (``step``,
+        ``exp_avg``, ``exp_avg_sq``; DPS: ``gam``, ``threshold``; Mix: ``fam``,
+        ``column_factor``, ``anchor``) with the parameter's shape (``fam`` and
+        ``column_factor``: one entry per mask column) and a floating dtype. A parameter
+        without a saved state starts afresh, as in torch (one that never had a gradient);
+        but one the checkpoint says had state (format 3 lists them) is refused.
+
+        As in torch, the hyperparameters (``lr``, ``betas``, ``eps``, ``weight_decay``,
+        ``p``, ``freeze``) are the checkpoint's, so a state saved with another ``p`` is
+        accepted and its ``p`` replaces the optimizer's: the saved thresholds and bits were
+        chosen with it. They are checked like the constructor's arguments. ``capturable``
+        stays the optimizer's.
+        """
+        checkpoint.load(self, state_dict, super().load_state_dict)
 
     # ------------------------------------------------------------------ construction helper
     @classmethod
@@ -577,9 +638,6 @@ class DPSAdamW(torch.optim.Optimizer):
         patterns of parameters without weight decay (default: biases and norm-layer weights).
         In ``mode="mix"`` the model is wired (:func:`dps_kernels.attach`).
         """
-        from .model_groups import build_param_groups
-        from .mix import attach
-
         groups = build_param_groups(model, targets=targets, no_decay=no_decay,
                                     weight_decay=weight_decay)
         optimizer = cls(groups, **kwargs)
