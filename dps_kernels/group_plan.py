@@ -62,7 +62,6 @@ class GroupPlan:
             part.entries.append(_entry(optimizer, param, state, group))
         self.hyper: Optional[torch.Tensor] = None
         self.hyper_values = None
-        self.ks = None
 
     def _host_step(self, state) -> Optional[int]:
         step = state["step"]

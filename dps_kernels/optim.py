@@ -600,9 +600,6 @@ class DPSAdamW(torch.optim.Optimizer):
                    for v in s.values() if torch.is_tensor(v))
 
     # ------------------------------------------------------------------ checkpoints
-    def _config(self) -> dict:
-        return checkpoint.config(self)
-
     def state_dict(self):
         return checkpoint.state_dict(self, super().state_dict())
 

@@ -1,13 +1,13 @@
 """Failures that used to be silent or opaque (issue "Hardening"), each with the test that
 failed before its fix."""
 import copy
-import io
 
 import pytest
 import torch
 from torch import nn
 
 from dps_kernels import DPSAdamW, attach
+from test_state_dict import roundtrip as _roundtrip, train as _train
 
 
 def _data(n, seed=1):
@@ -97,21 +97,6 @@ def _build(mode, **kw):
     net = _net()
     kw = dict(mode=mode, p=0.5, update_steps=2, lr=1e-2, seed=4, backend="torch", **kw)
     return net, DPSAdamW.from_model(net, **kw)
-
-
-def _train(net, opt, data):
-    for x, y in data:
-        net.train()
-        opt.zero_grad()
-        ((net(x) - y) ** 2).mean().backward()
-        opt.step()
-
-
-def _roundtrip(obj):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=False)
 
 
 def _plain_forward_matches(net, x):
