@@ -4,9 +4,10 @@ Importing this package never probes devices, imports Triton or compiles anything
 load on first use.
 """
 from .backends import available_backends
+from .child_tuning import child_tuning_fisher
 from .mix import attach
 from .optim import DPSAdamW
 
 __version__ = "0.1.0"
 
-__all__ = ["DPSAdamW", "attach", "available_backends", "__version__"]
+__all__ = ["DPSAdamW", "attach", "available_backends", "child_tuning_fisher", "__version__"]

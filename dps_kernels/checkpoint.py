@@ -52,8 +52,11 @@ def in_stage_two(state: dict, update_steps: int) -> bool:
 
 def config(opt) -> dict:
     """The settings a state must have been saved with (``state_dict()["dps"]``)."""
-    return {"format": STATE_FORMAT, "mode": opt.mode, "update_steps": opt.update_steps,
-            "seed": opt.seed, "adamw_style": opt.adamw_style}
+    settings = {"format": STATE_FORMAT, "mode": opt.mode, "update_steps": opt.update_steps,
+                "seed": opt.seed, "adamw_style": opt.adamw_style}
+    if opt.reserve_p is not None:   # CHILD-TUNING modes
+        settings["reserve_p"] = opt.reserve_p
+    return settings
 
 
 def state_dict(opt, torch_part: dict) -> dict:
@@ -156,8 +159,10 @@ def _expected_shapes(opt, param, group) -> dict:
     """Every state tensor a parameter of ``group`` needs, with its shape."""
     shape = tuple(param.shape)
     keys = {"exp_avg": shape, "exp_avg_sq": shape}
-    if group["dps"]:
-        keys.update(gam=shape, threshold=())
+    if group["dps"] and opt.mode == "mixout":
+        keys.update(anchor=shape)
+    elif group["dps"] and opt.mode in ("dense", "mix", "childtuning_d"):
+        keys.update(gam=shape, threshold=())   # childtuning_d: gam is the Fisher
         if opt.mode == "mix":
             cols = (columns_of(param.shape),)
             keys.update(fam=cols, column_factor=cols, anchor=shape)

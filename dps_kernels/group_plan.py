@@ -46,7 +46,7 @@ class GroupPlan:
         self.params_list = group["params"]
         self.params = list(group["params"])
         self.states = [optimizer.state[p] for p in self.params]
-        self.mode = optimizer.mode if group["dps"] else "plain"
+        self.mode = optimizer._kernel_mode(group)   # plain, dense or mix
         self.capturable = optimizer.capturable
         steps = {self._host_step(s) for s in self.states}
         self.t: Optional[int] = steps.pop() if len(steps) == 1 else None
@@ -94,7 +94,7 @@ def _entry(optimizer, param, state, group) -> TensorEntry:
                         optimizer._param_index[id(param)])
     if optimizer.capturable:
         entry.device_step = state["step"]
-    if not group["dps"]:
+    if optimizer._kernel_mode(group) == "plain":
         return entry
     entry.cols = columns_of(param.shape)
     entry.gam, entry.threshold = state["gam"], state["threshold"]

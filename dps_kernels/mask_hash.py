@@ -74,6 +74,12 @@ def keep_threshold(p: float) -> int:
     return math.floor((1.0 - p) * (1 << KEEP_BITS))
 
 
+def keep_threshold_of_fraction(keep: float) -> int:
+    """Integer threshold such that ``(h >> 8) < threshold`` has probability ~ ``keep``
+    (CHILD-TUNING_F's ``reserve_p``, which is a kept fraction, not DPS's ``p``)."""
+    return math.floor(keep * (1 << KEEP_BITS))
+
+
 def column_keep_mask(key: int, threshold: int, cols: int, device=None) -> torch.Tensor:
     """Bool keep-mask over ``cols`` columns for one parameter and one step."""
     col = torch.arange(cols, dtype=torch.int64, device=device)

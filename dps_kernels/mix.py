@@ -24,6 +24,10 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+# The optimizer modes whose forward mixes the weight with its anchor: DPS Mix, and Mixout
+# (DPS Mix Stage I at every step).
+WIRED_MODES = ("mix", "mixout")
+
 
 class _MixWeight(torch.autograd.Function):
     """W -> W~ in the forward; upstream gradient times the mask in the backward."""
@@ -83,9 +87,9 @@ def attach(model: nn.Module, optimizer) -> MixHandle:
     """
     # Duck-typed (DPSAdamW's own attribute) so this module need not import optim.py.
     is_dps = getattr(optimizer, "_is_dps_adamw", False)
-    if not is_dps or optimizer.mode != "mix":
+    if not is_dps or optimizer.mode not in WIRED_MODES:
         detail = f"(mode={optimizer.mode!r})" if is_dps else ""
-        raise ValueError("attach() needs a DPSAdamW optimizer built with mode='mix', "
+        raise ValueError(f"attach() needs a DPSAdamW optimizer built with mode in {WIRED_MODES}, "
                          f"got {type(optimizer).__name__}{detail}")
     candidates = [(module, name) for module in model.modules()
                   for name, param in module.named_parameters(recurse=False)

@@ -20,6 +20,12 @@ State per DPS parameter: ``exp_avg``/``exp_avg_sq`` (param dtype, as ``torch.opt
 ``mask_bits`` (the packed subnetwork; host-scheduled only); Mix adds ``anchor`` (W0, param
 dtype), ``fam`` and ``column_factor`` (fp32 per column), and capturable Mix ``stage_anchor``
 (W', param dtype).
+
+The paper's subnetwork baselines are modes on the same kernels (``docs/baselines.md``):
+``mixout`` (Mix Stage I forever, plain AdamW step; state: ``anchor``), ``childtuning_d``
+(Dense Stage II forever with one global subnetwork from ``set_child_network``; state:
+``gam`` = the Fisher, ``threshold``, ``mask_bits``) and ``childtuning_f`` (plain AdamW on a
+gradient masked per step by the counter hash; no extra state).
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ import itertools
 import math
 import operator
 import warnings
+from fractions import Fraction
 from typing import Optional
 
 import torch
@@ -35,15 +42,23 @@ from . import checkpoint
 from . import reference as ref
 from .backends import BACKEND_NAMES, auto_backend_name, get_backend, unavailable_reason
 from .group_plan import GroupPlan, mix_factor_table
+from .histogram_select import kth_largest_of_unions
 from .mask_bits import num_words, unpack_mask
-from .mask_hash import column_keep_mask, columns_of, key_base, keep_threshold, step_key
-from .mix import attach
+from .mask_hash import (column_keep_mask, columns_of, key_base, keep_threshold,
+                        keep_threshold_of_fraction, step_key)
+from .mix import WIRED_MODES, attach
 from .model_groups import build_param_groups
-from .schedule import (STAGE_ONE, is_last_of_stage_one, is_stage_start, resolve_update_steps,
-                       selected_count, stage_of)
+from .schedule import (STAGE_ONE, STAGE_TWO, is_last_of_stage_one, is_stage_start,
+                       resolve_update_steps, selected_count, stage_of)
 from .step_types import MAX_TENSOR_ELEMENTS, GroupStep, MixMask, StepKind, TensorStep
 
-MODES = ("dense", "mix")
+MODES = ("dense", "mix", "mixout", "childtuning_d", "childtuning_f")
+# The DPS modes proper: cyclic stages, a selection at the end of each Stage I.
+CYCLIC_MODES = ("dense", "mix")
+# Modes whose subnetwork is chosen by CHILD-TUNING's reserve_p (the fraction KEPT).
+CHILD_MODES = ("childtuning_d", "childtuning_f")
+DEFAULT_P = 0.3
+DEFAULT_RESERVE_P = 0.3
 
 
 def _check_number(name, value, low, high=None, low_open=False):
@@ -54,10 +69,30 @@ def _check_number(name, value, low, high=None, low_open=False):
         raise ValueError(f"{name} must be a finite number in {bound}, got {value!r}")
 
 
+def _mode_fractions(mode: str, p, reserve_p) -> tuple:
+    """``(p, reserve_p)`` of a mode: DPS and Mixout take ``p`` (dropped), CHILD-TUNING takes
+    ``reserve_p`` (kept); the other one is refused, so the two are never confused. The
+    CHILD-TUNING modes store ``p = 0`` in their groups (unused)."""
+    if mode in CHILD_MODES:
+        if p is not None:
+            raise ValueError(f"mode={mode!r} takes reserve_p (the fraction KEPT), not p (the "
+                             f"fraction dropped); got p={p!r}")
+        reserve_p = DEFAULT_RESERVE_P if reserve_p is None else reserve_p
+        _check_number("reserve_p", reserve_p, 0.0, None, low_open=True)
+        if reserve_p > 1.0:
+            raise ValueError(f"reserve_p must be a finite number in (0, 1], got {reserve_p!r}")
+        return 0.0, float(reserve_p)
+    if reserve_p is not None:
+        raise ValueError(f"reserve_p belongs to the CHILD-TUNING modes {CHILD_MODES}; "
+                         f"mode={mode!r} takes p (the fraction dropped), got "
+                         f"reserve_p={reserve_p!r}")
+    return (DEFAULT_P if p is None else p), None
+
+
 _GRAD = operator.attrgetter("grad")
 # What a copy or a pickle of the optimizer keeps besides torch's defaults/state/groups.
 _PICKLED_SETTINGS = ("mode", "update_steps", "adamw_style", "seed", "backend_request",
-                     "capturable", "fp32_moments")
+                     "capturable", "fp32_moments", "reserve_p")
 _steps_taken = checkpoint.steps_taken
 STATE_FORMAT = checkpoint.STATE_FORMAT            # re-exported (older imports)
 FP32_STATE_KEYS = checkpoint.FP32_STATE_KEYS
@@ -71,12 +106,25 @@ class DPSAdamW(torch.optim.Optimizer):
             AdamW (default True), and its own ``lr``, ``betas``, ``eps``, ``weight_decay``,
             ``p`` and ``freeze``.
         mode: ``"dense"`` (DPS Dense) or ``"mix"`` (DPS Mix; the model must be wired with
-            :func:`dps_kernels.attach`, which :meth:`from_model` does).
-        p: fraction of each DPS tensor NOT updated in Stage II, in ``[0, 1)``.
+            :func:`dps_kernels.attach`, which :meth:`from_model` does), or one of the
+            paper's subnetwork baselines on the same kernels (``docs/baselines.md``):
+            ``"mixout"`` (Mixout: DPS Mix Stage I at every step; wired like Mix),
+            ``"childtuning_d"`` (CHILD-TUNING_D: one fixed subnetwork, the top
+            ``reserve_p`` of a Fisher pass over all DPS tensors together, chosen by
+            :meth:`set_child_network` before the first step) and ``"childtuning_f"``
+            (CHILD-TUNING_F: a fresh Bernoulli(``reserve_p``) gradient mask per step,
+            scaled by ``1/reserve_p``). In these modes the "DPS parameters" (``dps`` groups)
+            are the tensors the method targets.
+        p: fraction of each DPS tensor NOT updated in Stage II, in ``[0, 1)`` (default
+            0.3); in ``"mixout"`` the probability of replacing an input feature's weights by
+            the pretrained ones. Not taken by the CHILD-TUNING modes.
+        reserve_p: CHILD-TUNING modes only: the fraction of the targeted elements KEPT
+            (updated), in ``(0, 1]`` (default 0.3); the opposite of ``p``.
         total_steps, update_ratio, update_steps: stage length ``us`` = ``update_steps`` or
-            ``int(total_steps * update_ratio)``.
+            ``int(total_steps * update_ratio)`` (``"dense"``/``"mix"`` only; the other modes
+            have no stages and refuse them).
         freeze: leave unselected elements (weight and moments) untouched instead of masking
-            their gradient.
+            their gradient (``"dense"``, ``"mix"``, ``"childtuning_d"``).
         adamw_style: ``"torch"`` (``torch.optim.AdamW``) or ``"hf_legacy"`` (transformers 4.7
             AdamW, as in the paper's runs).
         seed: seed of the Mix Stage I keep-masks (counter-based, identical on every backend).
@@ -102,11 +150,26 @@ class DPSAdamW(torch.optim.Optimizer):
         return self.capturable
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
-                 mode="dense", p=0.3, total_steps=None, update_ratio=None, update_steps=None,
+                 mode="dense", p=None, total_steps=None, update_ratio=None, update_steps=None,
                  freeze=False, adamw_style="torch", seed=0, backend="auto", capturable=False,
-                 fp32_moments=False):
+                 fp32_moments=False, reserve_p=None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        p, reserve_p = _mode_fractions(mode, p, reserve_p)
+        if mode not in CYCLIC_MODES:
+            given = {name: value for name, value in (("total_steps", total_steps),
+                     ("update_ratio", update_ratio), ("update_steps", update_steps))
+                     if value is not None}
+            if given:
+                raise ValueError(f"mode={mode!r} has no stages; drop {', '.join(given)} "
+                                 f"(got {given})")
+            if capturable:
+                raise ValueError(f"capturable=True supports mode 'dense' and 'mix', got "
+                                 f"mode={mode!r}")
+            if freeze and mode != "childtuning_d":
+                raise ValueError(f"freeze=True needs a subnetwork to freeze outside of; "
+                                 f"mode={mode!r} has none (modes with one: dense, mix, "
+                                 f"childtuning_d)")
         if adamw_style not in ref.ADAMW_STYLES:
             raise ValueError(f"adamw_style must be one of {ref.ADAMW_STYLES}, got {adamw_style!r}")
         if backend not in BACKEND_NAMES:
@@ -124,7 +187,9 @@ class DPSAdamW(torch.optim.Optimizer):
             raise TypeError(f"fp32_moments must be a bool, got {fp32_moments!r}")
         self.fp32_moments = fp32_moments
         self.mode = mode
-        self.update_steps = resolve_update_steps(total_steps, update_ratio, update_steps)
+        self.reserve_p = reserve_p
+        self.update_steps = (resolve_update_steps(total_steps, update_ratio, update_steps)
+                             if mode in CYCLIC_MODES else None)
         self.adamw_style = adamw_style
         self.seed = seed
         self.backend_request = backend
@@ -138,7 +203,7 @@ class DPSAdamW(torch.optim.Optimizer):
                           "underflows to 0 for small gradients and can blow the weights up "
                           "(as with torch.optim.AdamW on fp16 parameters); pass "
                           "fp32_moments=True to keep the moments in fp32", stacklevel=2)
-        if mode == "mix":
+        if mode in WIRED_MODES:
             # W0 is the weight when the optimizer is built; the first forward needs it.
             for group in self.param_groups:
                 if group["dps"]:
@@ -263,7 +328,10 @@ class DPSAdamW(torch.optim.Optimizer):
                                             memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(param, dtype=moments,
                                                memory_format=torch.preserve_format)
-        if group["dps"]:
+        if group["dps"] and self.mode == "mixout":
+            state["anchor"] = param.detach().clone(memory_format=torch.contiguous_format)
+        # childtuning_d: GAM (the Fisher), threshold and bits come from set_child_network.
+        if group["dps"] and self.mode in CYCLIC_MODES:
             state["gam"] = torch.zeros_like(param, dtype=torch.float32,
                                             memory_format=torch.contiguous_format)
             state["threshold"] = torch.zeros((), dtype=torch.float32, device=param.device)
@@ -285,6 +353,39 @@ class DPSAdamW(torch.optim.Optimizer):
                 # in the bits), so the selection copies W into the GAM buffer and it is W'
                 # until the next Stage I's first step resets it to g*g (12 -> 8 B/param).
         return state
+
+    # ------------------------------------------------------------------ modes
+    def _kernel_mode(self, group: dict) -> str:
+        """What the fused step of ``group``'s tensors does: ``"plain"`` AdamW (non-DPS
+        groups; Mixout, whose backward already masked the gradient; CHILD-TUNING_F, whose
+        gradient is masked just before), ``"dense"`` (DPS Dense; CHILD-TUNING_D = Dense
+        Stage II forever) or ``"mix"``."""
+        if not group["dps"] or self.mode in ("mixout", "childtuning_f"):
+            return "plain"
+        return "mix" if self.mode == "mix" else "dense"
+
+    def _stage(self, t: int) -> int:
+        """Stage of 1-based step ``t``: the DPS cycle, Stage II forever for CHILD-TUNING_D
+        (its subnetwork is fixed), Stage I forever for Mixout (DPS Mix Stage I) and
+        CHILD-TUNING_F."""
+        if self.mode in CYCLIC_MODES:
+            return stage_of(t, self.update_steps)
+        return STAGE_TWO if self.mode == "childtuning_d" else STAGE_ONE
+
+    def _closes_stage_one(self, t: int) -> bool:
+        return self.mode in CYCLIC_MODES and is_last_of_stage_one(t, self.update_steps)
+
+    def _child_f_grad(self, param, grad: torch.Tensor, t: int) -> torch.Tensor:
+        """CHILD-TUNING_F's gradient of step ``t``: ``g * M / reserve_p``, ``M`` a
+        Bernoulli(reserve_p) mask per element from the counter hash (every element its own
+        "column"), applied by the backend's fused Mix-backward kernel. A new tensor:
+        ``param.grad`` is left as it was."""
+        if param.numel() == 0:
+            return grad
+        mask = MixMask(param.numel(), column_key=step_key(self.seed, self._param_index[id(param)], t),
+                       keep_threshold=keep_threshold_of_fraction(self.reserve_p))
+        masked = self._backend_for(param).mix_grad(grad.contiguous().reshape(-1), mask)
+        return masked.div_(self.reserve_p).reshape(grad.shape)
 
     # ------------------------------------------------------------------ backends
     def _backend_for(self, param):
@@ -321,11 +422,17 @@ class DPSAdamW(torch.optim.Optimizer):
             raise RuntimeError(f"DPSAdamW does not support sparse gradients ({where})")
         if grad.is_complex():
             raise RuntimeError(f"DPSAdamW does not support complex gradients ({where})")
-        if self.mode == "mix" and group["dps"] and id(param) not in self._wired:
+        if self.mode in WIRED_MODES and group["dps"] and id(param) not in self._wired:
             raise RuntimeError(
-                f"DPSAdamW(mode='mix') was stepped, but DPS {where} is not wired to a model: "
-                f"call dps_kernels.attach(model, optimizer) or build the optimizer with "
-                f"DPSAdamW.from_model(model, mode='mix', ...)")
+                f"DPSAdamW(mode={self.mode!r}) was stepped, but DPS {where} is not wired to a "
+                f"model: call dps_kernels.attach(model, optimizer) or build the optimizer "
+                f"with DPSAdamW.from_model(model, mode={self.mode!r}, ...)")
+        if (self.mode == "childtuning_d" and group["dps"]
+                and "mask_bits" not in self.state.get(param, {})):
+            raise RuntimeError(
+                f"DPSAdamW(mode='childtuning_d') has no subnetwork for DPS {where}: choose it "
+                f"before the first step with optimizer.set_child_network(fisher), e.g. "
+                f"fisher = dps_kernels.child_tuning_fisher(model, batches, loss_fn)")
 
     def _task(self, param, group, state, t) -> TensorStep:
         beta1, beta2 = group["betas"]
@@ -333,15 +440,17 @@ class DPSAdamW(torch.optim.Optimizer):
                                     group["weight_decay"], t, self.adamw_style)
         task = TensorStep(StepKind.PLAIN, param, param.grad, state["exp_avg"],
                           state["exp_avg_sq"], scalars)
-        if not group["dps"]:
+        if self._kernel_mode(group) == "plain":
+            if group["dps"] and self.mode == "childtuning_f":
+                task.grad = self._child_f_grad(param, param.grad, t)
             return task
         task.gam = state["gam"]
         task.cols = columns_of(param.shape)
-        first_stage = stage_of(t, self.update_steps) == STAGE_ONE
+        first_stage = self._stage(t) == STAGE_ONE
         task.reset = first_stage and is_stage_start(t, self.update_steps)
         if not first_stage:
             task.mask_bits = state.get("mask_bits")
-        if self.mode == "dense":
+        if self.mode != "mix":   # dense, childtuning_d
             task.kind = StepKind.DENSE_STAGE1 if first_stage else StepKind.DENSE_STAGE2
             task.threshold = state["threshold"]
             return task
@@ -432,18 +541,21 @@ class DPSAdamW(torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         scalars = ref.adamw_scalars(float(group["lr"]), beta1, beta2, group["eps"],
                                     group["weight_decay"], t, self.adamw_style)
-        stage = stage_of(t, self.update_steps)
+        stage = self._stage(t)
+        if self.mode == "childtuning_f" and group["dps"]:
+            grads = [self._child_f_grad(p, g, t) for p, g in zip(plan.params, grads)]
         for part in plan.parts:
             part_grads = grads if len(plan.parts) == 1 else [grads[i] for i in part.indices]
             part.backend.step_group(GroupStep(
                 plan.mode, part.entries, part_grads, group["freeze"], self.adamw_style,
                 keep_threshold=keep_threshold(group["p"]), t=t, stage=stage,
-                reset=stage == STAGE_ONE and is_stage_start(t, self.update_steps),
+                reset=self.mode in CYCLIC_MODES and stage == STAGE_ONE
+                and is_stage_start(t, self.update_steps),
                 scalars=scalars, update_steps=self.update_steps, cache=part.cache))
         for state in plan.states:
             state["step"] = t
         plan.t = t
-        if plan.mode != "plain" and is_last_of_stage_one(t, self.update_steps):
+        if plan.mode != "plain" and self._closes_stage_one(t):
             self._select([(param, group, state, self._backend_for(param))
                           for param, state in zip(plan.params, plan.states)])
 
@@ -507,7 +619,7 @@ class DPSAdamW(torch.optim.Optimizer):
         due = []
         for param, state, t, backend in stepped:
             state["step"] = t
-            if group["dps"] and is_last_of_stage_one(t, self.update_steps):
+            if group["dps"] and self._closes_stage_one(t):
                 due.append((param, group, state, backend))
         if due:
             self._select(due)
@@ -527,7 +639,7 @@ class DPSAdamW(torch.optim.Optimizer):
                            key_base=key_base(self.seed, self._param_index[id(param)]),
                            update_steps=self.update_steps, stage_anchor=state["stage_anchor"])
         t = state["step"] + 1
-        if stage_of(t, self.update_steps) == STAGE_ONE:
+        if self._stage(t) == STAGE_ONE:   # Mixout: always
             return MixMask(cols, column_key=step_key(self.seed, self._param_index[id(param)], t),
                            keep_threshold=keep_threshold(group["p"]))
         return MixMask(cols, gam=state["gam"], column_factor=state["column_factor"],
@@ -535,13 +647,14 @@ class DPSAdamW(torch.optim.Optimizer):
 
     def _mix_anchor(self, param) -> torch.Tensor:
         state = self.state[param]
-        if self.capturable or stage_of(state["step"] + 1, self.update_steps) == STAGE_ONE:
+        if self.capturable or self._stage(state["step"] + 1) == STAGE_ONE:
             return state["anchor"]
         return state["gam"]   # W', held in the GAM buffer during Stage II (see _select)
 
     def is_mix_param(self, param) -> bool:
-        """True when ``param`` is a DPS parameter of this optimizer in Mix mode."""
-        if self.mode != "mix" or id(param) not in self._param_index:
+        """True when ``param`` is a DPS parameter of this optimizer in a wired mode (Mix,
+        Mixout): its training forward uses the mixed weight."""
+        if self.mode not in WIRED_MODES or id(param) not in self._param_index:
             return False
         return self._group_of(param)["dps"]
 
@@ -550,15 +663,17 @@ class DPSAdamW(torch.optim.Optimizer):
         """Stage (1 or 2) of the next step of ``param`` (default: the first parameter)."""
         if param is None:
             param = self.param_groups[0]["params"][0]
-        return stage_of(_steps_taken(self.state.get(param, {})) + 1, self.update_steps)
+        return self._stage(_steps_taken(self.state.get(param, {})) + 1)
 
     def stage_one_mask(self, param, step: int) -> torch.Tensor:
-        """Mix keep-mask (bool, one entry per input feature) of 1-based Stage I ``step``."""
+        """Mix (or Mixout) keep-mask (bool, one entry per input feature) of 1-based Stage I
+        ``step``."""
         if not self.is_mix_param(param):
-            raise ValueError("stage_one_mask needs a DPS parameter of an optimizer in mode='mix'")
+            raise ValueError(f"stage_one_mask needs a DPS parameter of an optimizer in mode "
+                             f"{WIRED_MODES}")
         if isinstance(step, bool) or not isinstance(step, int) or step < 1:
             raise ValueError(f"step must be a 1-based int, got {step!r}")
-        if stage_of(step, self.update_steps) != STAGE_ONE:
+        if self._stage(step) != STAGE_ONE:
             raise ValueError(f"step {step} is in Stage II (update_steps={self.update_steps}); "
                              f"Stage I keep-masks exist only for Stage I steps")
         group = self._group_of(param)
@@ -567,12 +682,16 @@ class DPSAdamW(torch.optim.Optimizer):
                                 param.device)
 
     def subnetwork(self, param) -> Optional[torch.Tensor]:
-        """Bool mask (param's shape) the next step uses if it is in Stage II, else None."""
+        """Bool mask (param's shape) the next step uses if it is in Stage II, else None
+        (also None in the modes without a subnetwork, Mixout and CHILD-TUNING_F, and in
+        CHILD-TUNING_D before :meth:`set_child_network`)."""
         group = self._group_of(param)
         if not group["dps"]:
             raise ValueError("subnetwork() needs a DPS parameter (its group has 'dps': False)")
         state = self.state.get(param, {})
-        if stage_of(_steps_taken(state) + 1, self.update_steps) == STAGE_ONE:
+        if self.mode == "childtuning_d" and "mask_bits" not in state:
+            return None
+        if self._stage(_steps_taken(state) + 1) == STAGE_ONE:
             return None
         if "mask_bits" in state:   # what Stage II reads
             return unpack_mask(state["mask_bits"], param.shape)
@@ -580,6 +699,59 @@ class DPSAdamW(torch.optim.Optimizer):
         if self.mode == "mix":
             score = ref.mix_score(score, state["column_factor"])
         return ref.selection_mask(score, state["threshold"])
+
+    def set_child_network(self, fisher) -> float:
+        """CHILD-TUNING_D: fix the subnetwork for the whole run; returns its kept fraction.
+
+        ``fisher`` maps every DPS parameter to its Fisher information (param's shape, e.g.
+        from :func:`dps_kernels.child_tuning_fisher`). One threshold is chosen over all DPS
+        tensors together: the exact ``k``-th largest value of their union with
+        ``k = ceil(n * reserve_p)`` (radix select on summed histograms, nothing
+        concatenated; the official code's ``np.percentile`` interpolates, which can move the
+        cut by one element). Elements ``>= threshold`` are kept (ties too). Must be called
+        before the first step; everything is checked before anything changes.
+        """
+        if self.mode != "childtuning_d":
+            raise ValueError(f"set_child_network() belongs to mode='childtuning_d', this "
+                             f"optimizer has mode={self.mode!r}")
+        targets = [(param, group) for group in self.param_groups if group["dps"]
+                   for param in group["params"]]
+        scores = []
+        for param, group in targets:
+            where = f"parameter #{self._param_index[id(param)]} (shape {tuple(param.shape)})"
+            if _steps_taken(self.state.get(param, {})):
+                raise RuntimeError(f"set_child_network(): {where} has already stepped; "
+                                   f"CHILD-TUNING_D fixes its subnetwork before training")
+            value = fisher.get(param) if hasattr(fisher, "get") else None
+            if value is None:
+                raise ValueError(f"set_child_network(): fisher has no entry for DPS {where}")
+            if (not torch.is_tensor(value) or not value.is_floating_point()
+                    or tuple(value.shape) != tuple(param.shape)):
+                raise ValueError(f"set_child_network(): fisher of {where} must be a floating "
+                                 f"tensor of shape {tuple(param.shape)}, got "
+                                 f"{checkpoint._describe(value)}")
+            value = value.detach().to(device=param.device, dtype=torch.float32,
+                                      memory_format=torch.contiguous_format, copy=True)
+            if not bool(torch.isfinite(value).all()) or bool((value < 0).any()):
+                raise ValueError(f"set_child_network(): fisher of {where} must be finite "
+                                 f"and >= 0")
+            scores.append(value.reshape(param.shape))
+        total = sum(score.numel() for score in scores)
+        if total == 0:
+            raise ValueError("set_child_network(): the DPS parameters have no elements")
+        k = max(1, min(total, math.ceil(total * Fraction(repr(self.reserve_p)))))
+        threshold = kth_largest_of_unions([scores], [k])[0]
+        for (param, group), score in zip(targets, scores):
+            state = self._init_state(param, group)
+            state["gam"] = score
+            state["threshold"] = torch.tensor(threshold, dtype=torch.float32,
+                                              device=param.device)
+            state["mask_bits"] = torch.zeros(num_words(param.numel()), dtype=torch.int32,
+                                             device=param.device)
+            self._backend_for(param).pack_mask(score, None, state["threshold"],
+                                               out=state["mask_bits"])
+        self._invalidate_plans()
+        return self.selected_fraction()
 
     def selected_fraction(self) -> Optional[float]:
         """Fraction of DPS elements in the current subnetwork (None while in Stage I)."""
@@ -633,11 +805,11 @@ class DPSAdamW(torch.optim.Optimizer):
         ``targets``: module types whose ``weight`` is DPS and/or ``fnmatch`` patterns on full
         parameter names (default: every ``nn.Linear`` weight). ``no_decay``: ``fnmatch``
         patterns of parameters without weight decay (default: biases and norm-layer weights).
-        In ``mode="mix"`` the model is wired (:func:`dps_kernels.attach`).
+        In ``mode="mix"`` and ``mode="mixout"`` the model is wired (:func:`dps_kernels.attach`).
         """
         groups = build_param_groups(model, targets=targets, no_decay=no_decay,
                                     weight_decay=weight_decay)
         optimizer = cls(groups, **kwargs)
-        if optimizer.mode == "mix":
+        if optimizer.mode in WIRED_MODES:
             attach(model, optimizer)
         return optimizer

@@ -14,7 +14,7 @@ def params():
     (dict(p=1.0), ValueError, r"p must be a finite number in \[0.0, 1.0\), got 1.0"),
     (dict(p=-0.1), ValueError, r"p must be .* got -0.1"),
     (dict(p=float("nan")), ValueError, r"p must be .* got nan"),
-    (dict(mode="sparse"), ValueError, r"mode must be one of \('dense', 'mix'\), got 'sparse'"),
+    (dict(mode="sparse"), ValueError, r"mode must be one of \('dense', 'mix', 'mixout', .*\), got 'sparse'"),
     (dict(backend="cuda"), ValueError, r"backend must be one of .* got 'cuda'"),
     (dict(adamw_style="bert"), ValueError, r"adamw_style must be one of .* got 'bert'"),
     (dict(update_steps=None), ValueError, r"pass update_steps, or both total_steps and update_ratio"),

@@ -119,7 +119,7 @@ def test_mix_without_wiring_is_an_error():
 def test_attach_errors():
     model = make(torch.float32)
     dense = DPSAdamW(model.parameters(), mode="dense", update_steps=2)
-    with pytest.raises(ValueError, match="mode='mix'"):
+    with pytest.raises(ValueError, match="mode in"):
         attach(model, dense)
     with pytest.raises(ValueError, match="needs a DPSAdamW"):
         attach(model, torch.optim.AdamW(model.parameters()))

@@ -7,6 +7,7 @@ give bit-identical weights; the resume tests rely on that.
 Schedule used below: update_steps=3, so steps 1-3 Stage I, 4-6 Stage II, 7-9 Stage I,
 10-12 Stage II; the resume checkpoint is taken after step 5, in the middle of a Stage II.
 """
+import math
 import os
 import subprocess
 import sys
@@ -164,11 +165,13 @@ def test_create_optimizer_on_wrapped_model(tmp_path):
 def test_bad_options_fail_clearly(tmp_path):
     args = make_args(tmp_path)
     with pytest.raises(ValueError, match="mode must be"):
-        DPSConfig(mode="mixout")
+        DPSConfig(mode="sparse")
     with pytest.raises(ValueError, match="not both"):
         DPSConfig(update_ratio=0.1, update_steps=3)
-    with pytest.raises(TypeError):
-        create_dps_optimizer(tiny_model(), args, 12, reserve_p=0.3)  # the authors' flag name
+    with pytest.raises(ValueError, match="takes p"):   # the DPS authors' flag name for p
+        create_dps_optimizer(tiny_model(), args, 12, reserve_p=0.3)
+    with pytest.raises(ValueError, match="has no stages"):
+        DPSConfig(mode="mixout", update_steps=3).stage_length()
     with pytest.raises(ValueError, match="num_training_steps"):
         create_dps_optimizer(tiny_model(), args, None)
     with pytest.raises(ValueError, match="selects no"):
@@ -390,3 +393,37 @@ def test_docs_quickstart_runs_as_written(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     # 160 examples / batch 16 * 3 epochs = 30 optimizer steps
     assert "DPS steps taken: 30" in proc.stdout, proc.stdout[-2000:]
+
+
+# ---- the baseline modes -------------------------------------------------------------------
+
+def test_trainer_runs_the_baseline_modes(tmp_path):
+    """CHILD-TUNING_D: DPSTrainer runs the Fisher pass and fixes the subnetwork before the
+    first step; Mixout: the model is wired (its training forward mixes with W0)."""
+    model = tiny_model()
+    trainer = DPSTrainer(model=model, args=make_args(tmp_path / "d", max_steps=4),
+                         train_dataset=tiny_dataset(),
+                         dps_config={"mode": "childtuning_d", "reserve_p": 0.25,
+                                     "fisher_batches": 3})
+    trainer.train()
+    opt = trainer.dps_optimizer
+    weights = [p for g in opt.param_groups if g["dps"] for p in g["params"]]
+    masks = [opt.subnetwork(p) for p in weights]
+    n = sum(m.numel() for m in masks)
+    assert sum(int(m.sum()) for m in masks) == math.ceil(n * 0.25)   # one global top-k
+    assert all(opt.state[p]["step"] == 4 for p in weights)
+
+    model = tiny_model()
+    trainer = DPSTrainer(model=model, args=make_args(tmp_path / "m", max_steps=3),
+                         train_dataset=tiny_dataset(), dps_config={"mode": "mixout", "p": 0.5})
+    trainer.train()
+    opt = trainer.dps_optimizer
+    assert opt.mode == "mixout" and all(id(p) in opt._wired for p in
+                                        (q for g in opt.param_groups if g["dps"] for q in g["params"]))
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    model.train()
+    with torch.no_grad():
+        mixed = model(input_ids=ids).logits
+        model.eval()
+        plain = model(input_ids=ids).logits
+    assert not torch.equal(mixed, plain)

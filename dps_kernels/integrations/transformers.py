@@ -49,9 +49,10 @@ except ImportError as exc:  # pragma: no cover - exercised only without transfor
 
 from torch import nn
 
-from ..mix import attach
+from ..child_tuning import child_tuning_fisher
+from ..mix import WIRED_MODES, attach
 from ..model_groups import dps_parameter_names
-from ..optim import DPSAdamW
+from ..optim import CYCLIC_MODES, MODES, DPSAdamW
 
 __all__ = ["DPSConfig", "DPSTrainer", "create_dps_optimizer", "unwrap_dps_optimizer",
            "PAPER_UPDATE_RATIO"]
@@ -73,11 +74,18 @@ class DPSConfig:
     lr, betas, eps and weight decay come from ``TrainingArguments``; these are the rest.
 
     Args:
-        mode: ``"dense"`` or ``"mix"`` (Mix changes the forward; the model is wired for you).
-        p: fraction of each DPS tensor NOT updated in Stage II.
+        mode: ``"dense"`` or ``"mix"`` (Mix changes the forward; the model is wired for you),
+            or a baseline: ``"mixout"`` (wired too), ``"childtuning_d"`` (:class:`DPSTrainer`
+            runs the Fisher pass over the training set when it builds the optimizer, as the
+            official code does before training) or ``"childtuning_f"``.
+        p: fraction of each DPS tensor NOT updated in Stage II (Mixout: the mixout
+            probability); default 0.3. Not for the CHILD-TUNING modes.
+        reserve_p: CHILD-TUNING modes: the fraction KEPT; default 0.3.
+        fisher_batches: ``"childtuning_d"``: at most this many training batches in the
+            Fisher pass (default: one epoch, as the official code).
         update_ratio: stage length as a fraction of the Trainer's max steps
             (``int(max_steps * update_ratio)``); default 0.05 (the paper) when
-            ``update_steps`` is not given either.
+            ``update_steps`` is not given either. Dense and Mix only.
         update_steps: stage length in optimizer steps (exclusive with ``update_ratio``).
         freeze: leave unselected elements (weight and moments) untouched.
         adamw_style: ``"torch"`` or ``"hf_legacy"`` (transformers 4.7 AdamW, the paper's runs).
@@ -88,7 +96,9 @@ class DPSConfig:
     """
 
     mode: str = "dense"
-    p: float = 0.3
+    p: Optional[float] = None
+    reserve_p: Optional[float] = None
+    fisher_batches: Optional[int] = None
     update_ratio: Optional[float] = None
     update_steps: Optional[int] = None
     freeze: bool = False
@@ -99,14 +109,19 @@ class DPSConfig:
 
     def __post_init__(self):
         # Fail when the Trainer is built, not minutes later when train() creates the optimizer.
-        if self.mode not in ("dense", "mix"):
-            raise ValueError(f"mode must be 'dense' or 'mix', got {self.mode!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.update_ratio is not None and self.update_steps is not None:
             raise ValueError(
                 f"give update_ratio or update_steps, not both (got update_ratio="
                 f"{self.update_ratio!r}, update_steps={self.update_steps!r})")
 
     def stage_length(self) -> dict:
+        if self.mode not in CYCLIC_MODES:
+            if self.update_ratio is not None or self.update_steps is not None:
+                raise ValueError(f"mode={self.mode!r} has no stages; drop update_ratio / "
+                                 f"update_steps")
+            return {}
         if self.update_steps is not None:
             return {"update_steps": self.update_steps}
         ratio = PAPER_UPDATE_RATIO if self.update_ratio is None else self.update_ratio
@@ -170,13 +185,14 @@ def _build(model: nn.Module, args: TrainingArguments, num_training_steps: Option
     optimizer = DPSAdamW(
         groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
         eps=args.adam_epsilon, weight_decay=args.weight_decay, mode=config.mode, p=config.p,
-        total_steps=num_training_steps, freeze=config.freeze, adamw_style=config.adamw_style,
-        seed=args.seed if config.seed is None else config.seed, backend=config.backend, **stage)
-    if config.mode == "mix":
+        reserve_p=config.reserve_p, freeze=config.freeze, adamw_style=config.adamw_style,
+        seed=args.seed if config.seed is None else config.seed, backend=config.backend,
+        **({"total_steps": num_training_steps, **stage} if stage else {}))
+    if config.mode in WIRED_MODES:
         attach(model, optimizer)
     n_dps = sum(p.numel() for g in groups if g["dps"] for p in g["params"])
     n_all = sum(p.numel() for g in groups for p in g["params"])
-    logger.info("DPSAdamW(mode=%s, p=%s, update_steps=%d, total_steps=%s): %d DPS tensors, "
+    logger.info("DPSAdamW(mode=%s, p=%s, update_steps=%s, total_steps=%s): %d DPS tensors, "
                 "%.1f%% of %d trainable elements", config.mode, config.p, optimizer.update_steps,
                 num_training_steps, len(dps_names), 100.0 * n_dps / max(n_all, 1), n_all)
     return optimizer
@@ -231,7 +247,29 @@ class DPSTrainer(Trainer):
             steps = self.state.max_steps if self.state.max_steps > 0 else self._dps_training_steps
             self.optimizer = _build(opt_model, self.args, steps, self.dps_config,
                                     self.get_decay_parameter_names(opt_model))
+            if self.dps_config.mode == "childtuning_d":
+                self._choose_child_network(opt_model)
         return self.optimizer
+
+    def _choose_child_network(self, model) -> None:
+        """CHILD-TUNING_D: the Fisher pass over the training set (at most ``fisher_batches``
+        batches), then the fixed subnetwork. Runs before the first step (on resume too;
+        the loaded optimizer state then replaces it)."""
+        import itertools
+
+        loader = self.get_train_dataloader()
+        limit = self.dps_config.fisher_batches
+        batches = loader if limit is None else list(itertools.islice(loader, limit))
+
+        def loss_fn(m, inputs):
+            return self.compute_loss(m, self._prepare_inputs(inputs))
+
+        targets = [p for g in self.optimizer.param_groups if g["dps"] for p in g["params"]]
+        fisher = child_tuning_fisher(model, batches, loss_fn, params=targets,
+                                     max_grad_norm=self.args.max_grad_norm or None)
+        kept = self.optimizer.set_child_network(fisher)
+        logger.info("CHILD-TUNING_D: Fisher over %d batches, %.2f%% of DPS elements kept",
+                    len(batches), 100.0 * kept)
 
     @property
     def dps_optimizer(self) -> DPSAdamW:
