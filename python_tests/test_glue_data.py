@@ -133,30 +133,54 @@ def test_metrics_against_scipy_when_installed():
 
 # ---- the experiment script's scoring and summary -------------------------------------------
 
-def test_script_scoring_and_summary():
+def test_script_scoring_and_summary(tmp_path):
     torch = pytest.importorskip("torch")
     import glue_dps
+    import glue_store
     logits = torch.tensor([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
     out = glue_dps.score("MRPC", logits, [1, 0, 0, 0])  # preds 1,0,1,0: TP=1, FP=1, FN=0
     assert out == {"accuracy": 0.75, "f1": 2 / 3}
     out = glue_dps.score("STS-B", torch.tensor([[0.5], [1.0], [4.0]]), [1.0, 2.0, 3.0])
     assert out["spearman"] == pytest.approx(1.0)
-    rows = [{"task": "RTE", "method": "dense", "value": v} for v in (60.0, 64.0, 62.0)]
-    rows.append({"task": "RTE", "method": "vanilla", "value": 55.0})
-    summary = {s["method"]: s for s in glue_dps.summarize(rows)}
-    assert summary["dense"]["mean"] == 62.0 and summary["dense"]["std"] == 2.0  # sample std
-    assert summary["vanilla"]["std"] is None
-    table = glue_dps.markdown(list(summary.values()), ["RTE"], ["vanilla", "dense"])
-    assert "| dense | 62.00 ± 2.00 (n=3) |" in table
+
+    store = glue_store.RunStore(str(tmp_path / "runs.jsonl"))
+    def add(method, seed, value, lr=1e-4):
+        key = glue_store.run_key("RTE", method, seed, lr, 1000, {})
+        store.add({"key": key, "task": "RTE", "method": method, "seed": seed, "lr": lr,
+                   "subset": 1000, "hparams": {}, "metric": "accuracy", "value": value})
+    for seed, v in enumerate((60.0, 64.0, 56.0), start=1):
+        add("dense", seed, v)
+    add("vanilla", 1, 57.0)
+    add("vanilla", 2, 59.0)
+    add("vanilla", 1, 40.0, lr=1e-3)      # a worse lr of the search: not the baseline
+    reopened = glue_store.RunStore(str(tmp_path / "runs.jsonl"))   # resumable
+    assert reopened.done(glue_store.run_key("RTE", "dense", 2, 1e-4, 1000, {}))
+    assert not reopened.done(glue_store.run_key("RTE", "dense", 4, 1e-4, 1000, {}))
+    summary = {(s["method"], s["config"]): s for s in glue_store.summarize(reopened.rows)}
+    dense = summary[("dense", "lr=0.0001")]
+    assert dense["mean"] == 60.0 and dense["std"] == 4.0 and dense["n"] == 3  # sample std
+    assert dense["failed"] == 1                  # 56 < vanilla mean 58 (best-mean lr)
+    assert summary[("vanilla", "lr=0.001")]["std"] is None
+    table = glue_store.markdown(list(summary.values()), ["vanilla", "dense"], {})
+    assert "| dense | lr=0.0001 | 60.00 ± 4.00 (n=3, 1 failed) |" in table
+    assert glue_dps.best_vanilla_lr(reopened, "RTE", 1000) == 1e-4
 
 
 def test_script_smoke_defaults():
     import glue_dps
     args = glue_dps.parse_args(["--smoke", "--model", "some/model"])
-    assert (args.max_train, args.max_dev, args.seeds, args.max_steps, args.update_steps) == \
+    assert (args.subset, args.max_dev, args.seeds, args.max_steps, args.update_steps) == \
         (64, 64, [1], 4, 1)
     full = glue_dps.parse_args(["--model", "some/model"])  # the paper's recipe
-    assert (full.max_len, full.batch_size, full.lr, full.epochs, full.warmup_ratio,
-            full.weight_decay, full.p, full.update_ratio, full.max_grad_norm) == \
-        (128, 16, 2e-5, 3.0, 0.1, 0.01, 0.3, 0.05, 1.0)
+    assert (full.max_len, full.batch_size, full.lrs, full.epochs, full.warmup_ratio,
+            full.weight_decay, full.max_grad_norm) == (128, 16, [2e-5], 3.0, 0.1, 0.01, 1.0)
     assert full.tasks == ["RTE", "MRPC", "CoLA", "STS-B"] and full.seeds == [1, 2, 3, 4, 5]
+
+
+def test_every_table_1_method_has_a_recipe():
+    import glue_methods
+    table_1 = {"vanilla", "mixout", "r3f", "rdrop", "childtuning_d", "reinit", "dense", "mix"}
+    assert table_1 <= set(glue_methods.METHODS)
+    assert {"vanilla_nodrop", "dense_dropout"} <= set(glue_methods.METHODS)   # the controls
+    assert len(glue_methods.grid("dense")) == 15 and len(glue_methods.grid("mixout")) == 8
+    assert not glue_methods.applicable(glue_methods.METHODS["r3f"], regression=True)

@@ -1,0 +1,146 @@
+"""The experiment's run store and its reports: JSON lines in, tables and box plots out.
+
+One line per finished run, keyed by (task, method, seed, lr, train subset, hyperparameters);
+a run whose key is in the file is skipped, so an interrupted experiment resumes where it
+stopped and a grown one (more seeds, another task) runs only what is new.
+
+Summary per (task, method, lr, hyperparameters): mean and sample std (n-1) of the dev metric,
+n, and the failed-run count as the DPS paper uses it: runs below the mean of vanilla
+fine-tuning on the same task (and subset).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Iterable, Optional
+
+
+def run_key(task: str, method: str, seed: int, lr: float, subset: Optional[int],
+            hparams: dict) -> str:
+    return json.dumps([task, method, seed, float(lr), subset, sorted(hparams.items())])
+
+
+class RunStore:
+    def __init__(self, path: str):
+        self.path = path
+        self.rows: list[dict] = []
+        if os.path.exists(path):
+            with open(path) as f:
+                self.rows = [json.loads(line) for line in f if line.strip()]
+        self.keys = {row["key"] for row in self.rows}
+
+    def done(self, key: str) -> bool:
+        return key in self.keys
+
+    def add(self, row: dict) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.rows.append(row)
+        self.keys.add(row["key"])
+
+
+def _stats(values: list[float]) -> tuple[float, Optional[float]]:
+    finite = [v for v in values if not math.isnan(v)]
+    if not finite:
+        return float("nan"), None
+    mean = sum(finite) / len(finite)
+    std = (math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1))
+           if len(finite) > 1 else None)
+    return mean, std
+
+
+def _config(row: dict) -> str:
+    hp = ", ".join(f"{k}={v}" for k, v in sorted(row.get("hparams", {}).items()))
+    return f"lr={row['lr']:g}" + (f", {hp}" if hp else "")
+
+
+def summarize(rows: Iterable[dict]) -> list[dict]:
+    """One entry per (task, subset, method, config) with mean, std, n and failed runs."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["task"], r.get("subset"), r["method"], _config(r)), []).append(r)
+    vanilla_mean = {}
+    for (task, subset, method, _), runs in groups.items():
+        if method == "vanilla":
+            # the vanilla mean of the task: over its best-mean lr when several were run
+            mean, _ = _stats([r["value"] for r in runs])
+            key = (task, subset)
+            vanilla_mean[key] = max(vanilla_mean.get(key, -math.inf), mean)
+    out = []
+    for (task, subset, method, config), runs in sorted(groups.items()):
+        values = [r["value"] for r in sorted(runs, key=lambda r: r["seed"])]
+        mean, std = _stats(values)
+        base = vanilla_mean.get((task, subset))
+        failed = None if base is None else sum(1 for v in values if math.isnan(v) or v < base)
+        out.append({"task": task, "subset": subset, "method": method, "config": config,
+                    "metric": runs[0]["metric"], "n": len(values), "mean": mean, "std": std,
+                    "failed": failed, "values": values,
+                    "seeds": sorted(r["seed"] for r in runs)})
+    return out
+
+
+def markdown(summary: list[dict], methods: list[str], labels: dict) -> str:
+    """Methods down, tasks across: ``mean ± std (n, failed)``, one table per subset."""
+    lines = []
+    for subset in sorted({s["subset"] for s in summary}, key=lambda s: (s is None, s)):
+        part = [s for s in summary if s["subset"] == subset]
+        tasks = sorted({s["task"] for s in part})
+        title = "full train set" if subset is None else f"{subset} training examples"
+        lines += [f"### {title}", "",
+                  "| method | config | " + " | ".join(
+                      f"{t} ({next(s['metric'] for s in part if s['task'] == t)})"
+                      for t in tasks) + " |",
+                  "|---|---|" + "---|" * len(tasks)]
+        configs = []
+        for m in methods:
+            for s in part:
+                if s["method"] == m and (m, s["config"]) not in configs:
+                    configs.append((m, s["config"]))
+        for m, config in configs:
+            cells = []
+            for t in tasks:
+                s = next((s for s in part if (s["task"], s["method"], s["config"]) == (t, m, config)), None)
+                if s is None:
+                    cells.append("-")
+                    continue
+                std = "n/a" if s["std"] is None else f"{s['std']:.2f}"
+                failed = "" if s["failed"] is None else f", {s['failed']} failed"
+                cells.append(f"{s['mean']:.2f} ± {std} (n={s['n']}{failed})")
+            lines.append(f"| {labels.get(m, m)} | {config} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines.append("mean ± sample std over seeds of the dev metric (x100); failed = runs below "
+                 "the vanilla mean of the task (the paper's definition).")
+    return "\n".join(lines)
+
+
+def box_plots(summary: list[dict], methods: list[str], labels: dict, out_dir: str) -> list[str]:
+    """One PNG per (task, subset): the per-seed values of each method (Figure 2 style)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for task, subset in sorted({(s["task"], s["subset"]) for s in summary},
+                               key=lambda x: (x[0], x[1] is None, x[1])):
+        part = [s for s in summary if (s["task"], s["subset"]) == (task, subset)]
+        part = [s for m in methods for s in part if s["method"] == m]
+        if not part:
+            continue
+        fig, ax = plt.subplots(figsize=(1.1 * len(part) + 2, 4))
+        ax.boxplot([[v for v in s["values"] if not math.isnan(v)] for s in part])
+        ax.set_xticks(range(1, len(part) + 1))
+        ax.set_xticklabels([labels.get(s["method"], s["method"]).replace(" (", "\n(")
+                            for s in part], fontsize=7)
+        ax.set_ylabel(part[0]["metric"])
+        ax.set_title(f"{task}, {'full' if subset is None else subset} train, "
+                     f"n={min(s['n'] for s in part)}-{max(s['n'] for s in part)} seeds")
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"{task}_{'full' if subset is None else subset}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
