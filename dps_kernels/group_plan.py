@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 
 from . import reference as ref
+from .distributed import is_sharded, local
 from .mask_hash import columns_of, key_base
 from .step_types import TensorEntry
 
@@ -48,6 +49,9 @@ class GroupPlan:
         self.states = [optimizer.state[p] for p in self.params]
         self.mode = optimizer._kernel_mode(group)   # plain, dense or mix
         self.capturable = optimizer.capturable
+        # FSDP2: the kernels step the local shards (entries hold them; step() takes the
+        # local shards of the gradients)
+        self.sharded = any(is_sharded(p) for p in self.params)
         steps = {self._host_step(s) for s in self.states}
         self.t: Optional[int] = steps.pop() if len(steps) == 1 else None
         self.parts: list[BackendPart] = []
@@ -90,14 +94,14 @@ class GroupPlan:
 
 
 def _entry(optimizer, param, state, group) -> TensorEntry:
-    entry = TensorEntry(param, state["exp_avg"], state["exp_avg_sq"],
+    entry = TensorEntry(local(param), local(state["exp_avg"]), local(state["exp_avg_sq"]),
                         optimizer._param_index[id(param)])
     if optimizer.capturable:
         entry.device_step = state["step"]
     if optimizer._kernel_mode(group) == "plain":
         return entry
     entry.cols = columns_of(param.shape)
-    entry.gam, entry.threshold = state["gam"], state["threshold"]
+    entry.gam, entry.threshold = local(state["gam"]), state["threshold"]
     entry.mask_bits = state.get("mask_bits")   # read in Stage II (None when capturable)
     if optimizer.mode == "mix":
         entry.fam, entry.column_factor = state["fam"], state["column_factor"]

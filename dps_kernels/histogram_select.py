@@ -83,6 +83,11 @@ def kth_largest_of_unions(groups: Sequence[Sequence[torch.Tensor]], ks: Sequence
         at_or_above = counts.flip(1).cumsum(1).flip(1)
         for g in range(len(groups)):
             row = at_or_above[g]
+            if int(row[0]) < remaining[g]:
+                raise RuntimeError(
+                    f"selection group #{g}: its histograms hold {int(row[0])} elements, fewer "
+                    f"than the {remaining[g]} still to select (with a reduce: did every "
+                    f"process take part with the same tensors?)")
             b = int((row >= remaining[g]).nonzero().max())
             above = int(row[b + 1]) if b + 1 < bins else 0
             remaining[g] -= above

@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .distributed import is_sharded
+
 # The optimizer modes whose forward mixes the weight with its anchor: DPS Mix, and Mixout
 # (DPS Mix Stage I at every step).
 WIRED_MODES = ("mix", "mixout")
@@ -99,6 +101,7 @@ def attach(model: nn.Module, optimizer) -> MixHandle:
                          "optimizer (was the optimizer built from this model's parameters?)")
     handle = MixHandle(optimizer)
     by_module: dict[nn.Module, list[str]] = {}
+    sharded = []
     for module, name in candidates:
         param = module._parameters[name]
         if id(param) in optimizer._wired:
@@ -107,7 +110,22 @@ def attach(model: nn.Module, optimizer) -> MixHandle:
         if owner is not None and owner() is not None and owner() is not optimizer:
             raise RuntimeError(f"parameter {name!r} of {type(module).__name__} is already "
                                f"wired to another DPSAdamW; one optimizer per parameter")
-        by_module.setdefault(module, []).append(name)
+        if is_sharded(param):
+            sharded.append(param)
+        else:
+            by_module.setdefault(module, []).append(name)
+    if sharded:
+        # FSDP2 all-gathers a module's weights in its own pre-forward hook (prepended), and
+        # again for the backward: mix the local shards in place before the root's
+        # all-gather, i.e. in a pre-hook prepended to the model's own, so every all-gather
+        # (forward, recomputation, backward) sees W~; step() puts W back and masks the
+        # gradient (docs/distributed.md).
+        root = _ShardedMix(optimizer, sharded)
+        handle.hooks.append(model.register_forward_pre_hook(root.pre_forward, prepend=True))
+        for param in sharded:
+            _OWNERS[param] = weakref.ref(optimizer)
+            optimizer._wired[id(param)] = handle
+            handle.params.append(param)
     for module, names in by_module.items():
         swap = _MixSwap(optimizer, {name: module._parameters[name] for name in names})
         handle.hooks += [module.register_forward_pre_hook(swap.swap_in),
@@ -117,6 +135,29 @@ def attach(model: nn.Module, optimizer) -> MixHandle:
             optimizer._wired[id(param)] = handle
             handle.params.append(param)
     return handle
+
+
+class _ShardedMix:
+    """The model-level pre-hook of FSDP2-sharded Mix parameters (see ``attach``)."""
+
+    def __init__(self, optimizer=None, params=()):
+        self.optimizer = optimizer   # None: inert (a copy or a pickle of the model)
+        self.params = list(params)
+
+    def pre_forward(self, module, args):
+        if self.optimizer is None:
+            return None
+        if module.training:
+            self.optimizer._mix_shards(self.params)
+        else:
+            self.optimizer._unmix_shards()   # eval uses W
+        return None
+
+    def __deepcopy__(self, memo):
+        return _ShardedMix()
+
+    def __reduce__(self):
+        return (_ShardedMix, ())
 
 
 class _MixSwap:

@@ -39,6 +39,7 @@ from typing import Optional
 import torch
 
 from . import checkpoint
+from .distributed import is_sharded, local, refuse_flat, select_sharded, shard_group
 from . import reference as ref
 from .backends import BACKEND_NAMES, auto_backend_name, get_backend, unavailable_reason
 from .group_plan import GroupPlan, mix_factor_table
@@ -219,6 +220,7 @@ class DPSAdamW(torch.optim.Optimizer):
         self._wired: dict[int, object] = {}  # id(param) -> wiring handle (Mix)
         self._plans: dict[int, GroupPlan] = {}   # group index -> cached step data
         self._factor_table = None                # capturable Mix (group_plan.mix_factor_table)
+        self._mixed_shards: dict[int, tuple] = {}  # FSDP2 Mix: id -> (param, saved W shard)
 
     # ------------------------------------------------------------------ copies, pickles
     def __getstate__(self):
@@ -296,6 +298,15 @@ class DPSAdamW(torch.optim.Optimizer):
             if param.is_complex():
                 raise TypeError(f"{where} is complex ({param.dtype}); DPSAdamW supports real "
                                 f"parameters only")
+            refuse_flat(param, where)
+            if group["dps"] and is_sharded(param):
+                try:
+                    shard_group(param)
+                except ValueError as error:
+                    raise ValueError(f"DPS {where}: {error}") from None
+                if self.capturable:
+                    raise ValueError(f"capturable=True does not support sharded (FSDP2) "
+                                     f"parameters yet; DPS {where} is a DTensor")
             if param.numel() > MAX_TENSOR_ELEMENTS:
                 raise ValueError(f"{where} has {param.numel()} elements, more than the fused "
                                  f"kernels' limit of {MAX_TENSOR_ELEMENTS}; split it, or put "
@@ -335,10 +346,11 @@ class DPSAdamW(torch.optim.Optimizer):
             state["gam"] = torch.zeros_like(param, dtype=torch.float32,
                                             memory_format=torch.contiguous_format)
             state["threshold"] = torch.zeros((), dtype=torch.float32, device=param.device)
-            if not self.capturable:
+            if not self.capturable and not is_sharded(param):
                 # The Stage II subnetwork, packed at the selection (mask_bits.py): Stage II
                 # reads 1 bit per element instead of GAM's 4 bytes. (The capturable path
-                # still recomputes the mask from GAM.)
+                # and sharded parameters still recompute the mask from GAM: a shard's bits
+                # would not survive resharding.)
                 state["mask_bits"] = torch.zeros(num_words(param.numel()), dtype=torch.int32,
                                                  device=param.device)
             if self.mode == "mix":
@@ -347,7 +359,7 @@ class DPSAdamW(torch.optim.Optimizer):
                 state["column_factor"] = torch.ones(cols, dtype=torch.float32,
                                                     device=param.device)
                 state["anchor"] = param.detach().clone(memory_format=torch.contiguous_format)
-                if self.capturable:
+                if self.capturable or is_sharded(param):
                     state["stage_anchor"] = state["anchor"].clone()
                 # Host-scheduled: no W' buffer. GAM is dead in Stage II (the subnetwork is
                 # in the bits), so the selection copies W into the GAM buffer and it is W'
@@ -395,7 +407,7 @@ class DPSAdamW(torch.optim.Optimizer):
         request = self.backend_request
         name = auto_backend_name(param.device.type) if request == "auto" else request
         backend = get_backend(name)
-        reason = backend.supports(param)
+        reason = backend.supports(local(param))
         if reason is not None:
             where = (f"parameter #{self._param_index[id(param)]} ({tuple(param.shape)}, "
                      f"{param.dtype}, {param.device})")
@@ -438,13 +450,13 @@ class DPSAdamW(torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         scalars = ref.adamw_scalars(float(group["lr"]), beta1, beta2, group["eps"],
                                     group["weight_decay"], t, self.adamw_style)
-        task = TensorStep(StepKind.PLAIN, param, param.grad, state["exp_avg"],
-                          state["exp_avg_sq"], scalars)
+        task = TensorStep(StepKind.PLAIN, local(param), local(param.grad),
+                          local(state["exp_avg"]), local(state["exp_avg_sq"]), scalars)
         if self._kernel_mode(group) == "plain":
             if group["dps"] and self.mode == "childtuning_f":
-                task.grad = self._child_f_grad(param, param.grad, t)
+                task.grad = self._child_f_grad(param, task.grad, t)
             return task
-        task.gam = state["gam"]
+        task.gam = local(state["gam"])
         task.cols = columns_of(param.shape)
         first_stage = self._stage(t) == STAGE_ONE
         task.reset = first_stage and is_stage_start(t, self.update_steps)
@@ -473,13 +485,19 @@ class DPSAdamW(torch.optim.Optimizer):
         which writes the thresholds into the state in place (their addresses stay put).
         """
         by_backend: dict[int, tuple[object, list]] = {}
+        sharded = []
         for param, group, state, backend in due:
             if param.numel() == 0:
                 continue   # nothing to select: its (empty) subnetwork is its (empty) tensor
             if self.mode == "mix":
                 state["column_factor"].copy_(
                     ref.mix_column_factor(state["fam"], self.update_steps))
+            if is_sharded(param):
+                sharded.append((param, group, state))
+                continue
             by_backend.setdefault(id(backend), (backend, []))[1].append((param, group, state))
+        if sharded:
+            self._select_sharded(sharded)
         for backend, entries in by_backend.values():
             items = [(state["gam"], state["column_factor"] if self.mode == "mix" else None,
                       selected_count(param.numel(), group["p"]))
@@ -492,6 +510,24 @@ class DPSAdamW(torch.optim.Optimizer):
                     # buffer holds W' (the Stage II anchor) from now to the next reset.
                     gam.copy_(param.detach())
 
+    def _select_sharded(self, due: list) -> None:
+        """The selection of sharded (FSDP2) tensors: the exact k-th largest over all shards,
+        by radix select on local histograms summed over each tensor's shard group (one
+        ``all_reduce`` per pass for all of them; ``distributed.select_sharded``). Every
+        process runs this at the same step with the same tensors. No bits: the Stage II
+        kernels recompute the mask from the local GAM; Mix snapshots W' into
+        ``stage_anchor``."""
+        items = []
+        for param, group, state in due:
+            gam = local(state["gam"])
+            score = gam if self.mode != "mix" else ref.mix_score(gam, state["column_factor"])
+            items.append((shard_group(param), score, selected_count(param.numel(), group["p"]),
+                          param.numel()))
+        for (param, _, state), value in zip(due, select_sharded(items)):
+            state["threshold"].fill_(value)
+            if self.mode == "mix":
+                local(state["stage_anchor"]).copy_(local(param.detach()))
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -502,6 +538,8 @@ class DPSAdamW(torch.optim.Optimizer):
         found_inf = getattr(self, "found_inf", None) if self.capturable else None
         # Every check before any update: a step refused for one group changes no group.
         routes = [self._route(index, group) for index, group in enumerate(self.param_groups)]
+        if self._mixed_shards:
+            self._unmix_shards(mask_grads=True)
         for index, (group, (plan, grads)) in enumerate(zip(self.param_groups, routes)):
             if plan is None:
                 self._step_general(index, group, grad_scale, found_inf)
@@ -520,7 +558,7 @@ class DPSAdamW(torch.optim.Optimizer):
         if plan is not None and (plan.t is not None or plan.capturable):
             grads = list(map(_GRAD, plan.params))
             if not any(map(operator.is_, grads, itertools.repeat(None))):
-                return plan, grads
+                return plan, (list(map(local, grads)) if plan.sharded else grads)
         self._check_general(group)
         return None, None
 
@@ -642,14 +680,45 @@ class DPSAdamW(torch.optim.Optimizer):
         if self._stage(t) == STAGE_ONE:   # Mixout: always
             return MixMask(cols, column_key=step_key(self.seed, self._param_index[id(param)], t),
                            keep_threshold=keep_threshold(group["p"]))
-        return MixMask(cols, gam=state["gam"], column_factor=state["column_factor"],
+        return MixMask(cols, gam=local(state["gam"]), column_factor=state["column_factor"],
                        threshold=state["threshold"], mask_bits=state.get("mask_bits"))
 
     def _mix_anchor(self, param) -> torch.Tensor:
+        """The anchor of the next step's mixed weight (the local shard of a sharded one)."""
         state = self.state[param]
         if self.capturable or self._stage(state["step"] + 1) == STAGE_ONE:
-            return state["anchor"]
+            return local(state["anchor"])
+        if "stage_anchor" in state:   # sharded parameters keep W' apart
+            return local(state["stage_anchor"])
         return state["gam"]   # W', held in the GAM buffer during Stage II (see _select)
+
+    @torch.no_grad()
+    def _mix_shards(self, params) -> None:
+        """FSDP2 Mix: put ``W~`` of the next step into each local shard, in place (the
+        all-gathers then hand every forward and backward the mixed weight), keeping ``W``
+        aside until :meth:`step` (or an eval forward) puts it back."""
+        self._unmix_shards()
+        for param in params:
+            weight = local(param.detach())
+            saved = weight.clone()
+            mixed = self._backend_for(param).mix_weight(
+                weight.contiguous(), self._mix_anchor(param), self._mix_mask(param),
+                self._group_of(param)["p"])
+            weight.copy_(mixed.reshape(weight.shape))
+            self._mixed_shards[id(param)] = (param, saved)
+
+    @torch.no_grad()
+    def _unmix_shards(self, mask_grads: bool = False) -> None:
+        """Put ``W`` back into the mixed shards; with ``mask_grads`` (in :meth:`step`), also
+        turn their gradient (the all-reduced gradient of ``W~``) into Mix's ``g * M``."""
+        for param, saved in self._mixed_shards.values():
+            if mask_grads and param.grad is not None:
+                grad = local(param.grad)
+                masked = self._backend_for(param).mix_grad(grad.contiguous(),
+                                                           self._mix_mask(param))
+                grad.copy_(masked.reshape(grad.shape))
+            local(param.detach()).copy_(saved)
+        self._mixed_shards.clear()
 
     def is_mix_param(self, param) -> bool:
         """True when ``param`` is a DPS parameter of this optimizer in a wired mode (Mix,
@@ -695,10 +764,15 @@ class DPSAdamW(torch.optim.Optimizer):
             return None
         if "mask_bits" in state:   # what Stage II reads
             return unpack_mask(state["mask_bits"], param.shape)
-        score = state["gam"]
+        score = local(state["gam"])
         if self.mode == "mix":
             score = ref.mix_score(score, state["column_factor"])
-        return ref.selection_mask(score, state["threshold"])
+        mask = ref.selection_mask(score, state["threshold"])
+        if is_sharded(param):   # the local shard's mask, as a DTensor laid out like param
+            from torch.distributed.tensor import DTensor
+            return DTensor.from_local(mask, param.device_mesh, param.placements,
+                                      shape=param.shape, stride=param.stride())
+        return mask
 
     def set_child_network(self, fisher) -> float:
         """CHILD-TUNING_D: fix the subnetwork for the whole run; returns its kept fraction.

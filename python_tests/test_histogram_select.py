@@ -81,3 +81,9 @@ def test_order_keys_follow_float_order():
     x = torch.tensor([-2.0, -0.5, 0.0, 1e-38, 0.5, 2.0, float("inf")])
     keys = order_keys(x)
     assert torch.all(keys[1:] > keys[:-1])
+
+
+def test_missing_counts_fail_clearly():
+    """k beyond what the histograms hold (a reduce that lost a process) is an error."""
+    with pytest.raises(RuntimeError, match="hold 3 elements, fewer than the 5"):
+        kth_largest_of_unions([[torch.ones(3)]], [5], reduce=lambda c: None, totals=[6])

@@ -1,0 +1,84 @@
+"""Spawned-process bodies of ``test_distributed.py`` (importable, so ``mp.spawn`` can pickle them).
+
+Every process builds the same model, shards it with FSDP2 (``fully_shard`` on each Linear and
+the root, gloo, CPU, 127.0.0.1), trains it with ``DPSAdamW`` on its slice of each global batch
+and rank 0 saves what the test compares with a single-process run: the full subnetwork of
+every DPS weight at each Stage II and the full weights after every step.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+US = 2
+STEPS = 9            # Stage I, II, I, II, I: two selections
+GLOBAL_BATCH = 12    # divisible by 2 and 3
+
+
+def make_model():
+    torch.manual_seed(0)
+    # 29, 7 and 2 rows: uneven shards on 2 and 3 ranks, an empty shard (2 rows on 3 ranks)
+    return nn.Sequential(nn.Linear(13, 29), nn.Tanh(), nn.Linear(29, 7), nn.Tanh(),
+                         nn.Linear(7, 2))
+
+
+def batch(t):
+    g = torch.Generator().manual_seed(100 + t)
+    return torch.randn(GLOBAL_BATCH, 13, generator=g), torch.randn(GLOBAL_BATCH, 2, generator=g)
+
+
+def build(model, mode, backend):
+    from dps_kernels import DPSAdamW
+    return DPSAdamW.from_model(model, mode=mode, p=0.4, lr=1e-2, weight_decay=0.01,
+                               update_steps=US, backend=backend, seed=3)
+
+
+def train(model, opt, rank=0, world=1, full=lambda t: t):
+    """Returns {"masks": {step: [mask per DPS weight]}, "weights": [[param per step]]}."""
+    dps = [p for g in opt.param_groups if g["dps"] for p in g["params"]]
+    out = {"masks": {}, "weights": []}
+    per = GLOBAL_BATCH // world
+    for t in range(1, STEPS + 1):
+        x, y = batch(t)
+        x, y = x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+        masks = [opt.subnetwork(p) for p in dps]
+        if masks[0] is not None:
+            out["masks"][t] = [full(m).clone() for m in masks]
+        out["weights"].append([full(p.detach()).clone() for p in model.parameters()])
+    return out
+
+
+def run(rank, world, port, out_path, combos):
+    """``combos``: ``(engine, backend, mode)`` with engine ``"fsdp2"`` or ``"ddp"``."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    results = {}
+    try:
+        for engine, backend, mode in combos:
+            model = make_model()
+            if engine == "fsdp2":
+                for module in model:
+                    if isinstance(module, nn.Linear):
+                        fully_shard(module)
+                fully_shard(model)
+                opt = build(model, mode, backend)
+                results[(engine, backend, mode)] = train(model, opt, rank, world,
+                                                         full=lambda t: t.full_tensor())
+            else:
+                wrapped = DistributedDataParallel(model)
+                opt = build(wrapped, mode, backend)
+                results[(engine, backend, mode)] = train(wrapped, opt, rank, world)
+    finally:
+        if rank == 0:
+            torch.save(results, out_path)
+        dist.destroy_process_group()
