@@ -22,6 +22,7 @@ import math
 
 import torch
 
+from .distributed import is_sharded
 from .mask_bits import num_words
 from .mask_hash import columns_of
 
@@ -31,6 +32,7 @@ from .mask_hash import columns_of
 STATE_FORMAT = 3
 READABLE_FORMATS = (1, 2, 3)
 WITH_STATE = "params_with_state"   # the "dps" entry's list (not a setting to match)
+GROUP_SETTINGS = "dps_settings"    # the settings in each saved param group (DCP drops "dps")
 # What a saved param group must carry (torch's loader replaces the optimizer's groups with
 # the saved ones, so a missing key would fail at the next step).
 GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "p", "freeze", "dps")
@@ -60,8 +62,12 @@ def config(opt) -> dict:
 
 
 def state_dict(opt, torch_part: dict) -> dict:
-    """``Optimizer.state_dict()`` plus the ``"dps"`` entry."""
+    """``Optimizer.state_dict()`` plus the ``"dps"`` entry, and the settings once more in
+    every param group (``GROUP_SETTINGS``): ``torch.distributed.checkpoint``'s
+    ``get/set_optimizer_state_dict`` keep only ``state`` and ``param_groups``."""
     torch_part["dps"] = {**config(opt), WITH_STATE: sorted(torch_part["state"])}
+    for group in torch_part["param_groups"]:
+        group[GROUP_SETTINGS] = config(opt)
     return torch_part
 
 
@@ -81,9 +87,15 @@ def load(opt, state_dict: dict, torch_load) -> None:
 
 def check_before_load(opt, state_dict: dict) -> dict:
     """Refuse what cannot be loaded, before anything changes; returns the torch part."""
-    if not isinstance(state_dict, dict) or not isinstance(state_dict.get("dps"), dict):
+    saved = state_dict.get("dps") if isinstance(state_dict, dict) else None
+    if not isinstance(saved, dict) and isinstance(state_dict, dict):
+        # through torch.distributed.checkpoint: the settings travel in the param groups,
+        # and the saved ids are the loader's own (so there is no list of ids to check)
+        groups = state_dict.get("param_groups")
+        if isinstance(groups, (list, tuple)) and groups and isinstance(groups[0], dict):
+            saved = groups[0].get(GROUP_SETTINGS)
+    if not isinstance(saved, dict):
         raise ValueError("this state_dict was not saved by DPSAdamW (no 'dps' entry)")
-    saved = state_dict["dps"]
     _check_config(opt, saved)
     torch_part = {k: v for k, v in state_dict.items() if k != "dps"}
     pairs = _check_groups(opt, torch_part)
@@ -190,7 +202,7 @@ def _check_param_state(opt, where: str, param, group, state) -> None:
         raise ValueError(f"the state of {where}: 'mask_bits' must be an int32 tensor of "
                          f"shape {words}, got {_describe(bits)}")
     if opt.mode == "mix":
-        _check_mix_stage_two(opt, where, state)
+        _check_mix_stage_two(opt, where, state, param)
 
 
 def _check_tensor(where: str, key: str, value, shape: tuple) -> None:
@@ -220,13 +232,18 @@ def _describe(value) -> str:
     return repr(value)
 
 
-def _check_mix_stage_two(opt, where: str, state: dict) -> None:
+def _check_mix_stage_two(opt, where: str, state: dict, param) -> None:
     """A host-scheduled Mix state in Stage II holds W' in 'gam': GAM itself is gone."""
     if "stage_anchor" in state or not in_stage_two(state, opt.update_steps):
         return
     if "mask_bits" not in state:
         raise ValueError(f"the state of {where}: a Mix state saved in Stage II keeps W' in "
                          f"'gam' and the subnetwork in 'mask_bits', which is missing")
+    if is_sharded(param):
+        raise ValueError(
+            f"the state of {where} was saved in Mix Stage II by an unsharded optimizer, which "
+            f"keeps W' in the GAM buffer and the subnetwork in bits; a sharded (FSDP2) one "
+            f"needs GAM there. Resume unsharded, or from a Stage I checkpoint")
     if opt.capturable:
         raise ValueError(
             f"the state of {where} was saved in Mix Stage II by a host-scheduled optimizer, "
@@ -240,6 +257,7 @@ def restore_after_load(opt, state_dict: dict) -> None:
     for group in opt.param_groups:
         # a run may be resumed with or without capturable: the flag is the optimizer's
         group["capturable"] = opt.capturable
+        group.pop(GROUP_SETTINGS, None)
         for param in group["params"]:
             state = opt.state.get(param)
             if state and "step" in state:
@@ -275,7 +293,9 @@ def _restore_layout(opt) -> None:
             state = opt.state.get(param)
             if not state or "gam" not in state:
                 continue
-            if opt.capturable:
+            if opt.capturable or is_sharded(param):
+                # GAM in "gam", W' apart, no bits (check_before_load refused a Stage II
+                # state that keeps W' in "gam" and the subnetwork only in bits)
                 if opt.mode == "mix" and "stage_anchor" not in state:
                     state["stage_anchor"] = state["anchor"].clone()
                 state.pop("mask_bits", None)

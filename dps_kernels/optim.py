@@ -204,12 +204,12 @@ class DPSAdamW(torch.optim.Optimizer):
                           "underflows to 0 for small gradients and can blow the weights up "
                           "(as with torch.optim.AdamW on fp16 parameters); pass "
                           "fp32_moments=True to keep the moments in fp32", stacklevel=2)
-        if mode in WIRED_MODES:
-            # W0 is the weight when the optimizer is built; the first forward needs it.
-            for group in self.param_groups:
-                if group["dps"]:
-                    for param in group["params"]:
-                        self._init_state(param, group)
+        # State is created lazily, per parameter, at its first training forward (Mix,
+        # Mixout) or its first step: an engine may still swap the parameter objects after
+        # the optimizer is built (FSDP2 through accelerate), and
+        # torch.distributed.checkpoint builds an empty optimizer's state by one zero-lr
+        # step. Mix's W0 is the weight at that moment, before any update: the pre-training
+        # weight (docs/distributed.md).
 
     def _init_bookkeeping(self) -> None:
         """The maps keyed by ``id(param)`` and the caches: never copied or pickled."""
@@ -685,7 +685,7 @@ class DPSAdamW(torch.optim.Optimizer):
 
     def _mix_anchor(self, param) -> torch.Tensor:
         """The anchor of the next step's mixed weight (the local shard of a sharded one)."""
-        state = self.state[param]
+        state = self._init_state(param, self._group_of(param))
         if self.capturable or self._stage(state["step"] + 1) == STAGE_ONE:
             return local(state["anchor"])
         if "stage_anchor" in state:   # sharded parameters keep W' apart

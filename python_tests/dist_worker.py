@@ -36,12 +36,12 @@ def build(model, mode, backend):
                                update_steps=US, backend=backend, seed=3)
 
 
-def train(model, opt, rank=0, world=1, full=lambda t: t):
+def train(model, opt, rank=0, world=1, full=lambda t: t, steps=range(1, STEPS + 1)):
     """Returns {"masks": {step: [mask per DPS weight]}, "weights": [[param per step]]}."""
     dps = [p for g in opt.param_groups if g["dps"] for p in g["params"]]
     out = {"masks": {}, "weights": []}
     per = GLOBAL_BATCH // world
-    for t in range(1, STEPS + 1):
+    for t in steps:
         x, y = batch(t)
         x, y = x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
         opt.zero_grad()
@@ -82,3 +82,54 @@ def run(rank, world, port, out_path, combos):
         if rank == 0:
             torch.save(results, out_path)
         dist.destroy_process_group()
+
+
+def shard(model):
+    from torch.distributed.fsdp import fully_shard
+    for module in model:
+        if isinstance(module, nn.Linear):
+            fully_shard(module)
+    fully_shard(model)
+    return model
+
+
+SAVE_AFTER = 3   # mid Stage II (steps 3-4 are Stage II)
+
+
+def run_checkpoint(rank, world, port, ckpt_dir, out_path, phase, mode):
+    """``phase="save"``: train to SAVE_AFTER, save with torch.distributed.checkpoint, go on to
+    STEPS; ``"load"``: a fresh model and optimizer load the checkpoint and go on to STEPS.
+    Rank 0 saves the continuation (masks, weights) and the loaded state's dtypes."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
+                                                         get_optimizer_state_dict,
+                                                         set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    full = lambda t: t.full_tensor()  # noqa: E731
+    try:
+        model = shard(make_model())
+        opt = build(model, mode, "auto")
+        dtypes = None
+        if phase == "save":
+            train(model, opt, rank, world, full, steps=range(1, SAVE_AFTER + 1))
+            dcp.save({"model": get_model_state_dict(model),
+                      "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=ckpt_dir)
+        else:
+            state = {"model": get_model_state_dict(model),
+                     "optim": get_optimizer_state_dict(model, opt)}
+            dcp.load(state, checkpoint_id=ckpt_dir)
+            set_model_state_dict(model, state["model"])
+            set_optimizer_state_dict(model, opt, state["optim"])
+            first = model[0].weight
+            dtypes = {k: (v.dtype, type(v).__name__) for k, v in opt.state[first].items()
+                      if torch.is_tensor(v)}
+            dtypes["step"] = opt.state[first]["step"]
+        out = train(model, opt, rank, world, full, steps=range(SAVE_AFTER + 1, STEPS + 1))
+        out["dtypes"] = dtypes
+    finally:
+        dist.destroy_process_group()
+    if rank == 0:
+        torch.save(out, out_path)

@@ -130,6 +130,8 @@ def test_mixout_reference_detects_a_one_step_shift():
     net, ref = make_pair()
     opt = DPSAdamW.from_model(net, mode="mixout", p=p, seed=5, backend="torch")
     targets = [ref.a.weight.detach().clone(), ref.b.weight.detach().clone()]
+    x, _ = batches(1)[0]
+    net(x)                  # the first training forward takes W0 (state is created lazily)
     with torch.no_grad():   # W away from W0, as after training (at W = W0, W~ = W0)
         for mine, theirs in zip(net.parameters(), ref.parameters()):
             mine.add_(0.05 * torch.randn_like(mine))
