@@ -322,6 +322,9 @@ class DPSAdamW(torch.optim.Optimizer):
     def _group_of(self, param) -> dict:
         index = self._group_index.get(id(param))
         if index is None:
+            self._adopt_swapped_params()
+            index = self._group_index.get(id(param))
+        if index is None:
             raise ValueError(
                 f"parameter of shape {tuple(param.shape)} is not managed by this optimizer")
         return self.param_groups[index]
@@ -562,7 +565,35 @@ class DPSAdamW(torch.optim.Optimizer):
         self._check_general(group)
         return None, None
 
+    def _adopt_swapped_params(self) -> None:
+        """An engine replaced the parameter objects in ``param_groups`` after the optimizer
+        was built (accelerate's FSDP2 ``prepare``: ``fsdp2_switch_optimizer_parameters``).
+        The i-th parameter keeps index i (its Mix hash key); backends and checks are redone
+        for the new objects. Per-parameter state is created lazily, so none exists yet for
+        a swap before training; one after training started would orphan it: refused."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        if all(id(p) in self._param_index for p in params):
+            return
+        current = {id(p) for p in params}
+        orphaned = [p for p in self.state if id(p) not in current]
+        if all(_steps_taken(self.state[p]) == 0 for p in orphaned):
+            for p in orphaned:   # made before any update (e.g. by wiring): remade for the new
+                del self.state[p]
+            orphaned = []
+        if orphaned:
+            raise RuntimeError(
+                f"the optimizer's parameters were replaced after {len(orphaned)} of them had "
+                f"stepped; their optimizer state would be lost. Replace parameters (e.g. "
+                f"accelerator.prepare) before training")
+        self._param_index.clear()
+        self._group_index.clear()
+        self._backend_cache.clear()
+        self._plans.clear()
+        for index, group in enumerate(self.param_groups):
+            self._validate_group(group, index)
+
     def _check_general(self, group: dict) -> None:
+        self._adopt_swapped_params()
         with_grad = [param for param in group["params"] if param.grad is not None]
         for param in with_grad:
             self._check_grad(param, group)
@@ -723,7 +754,11 @@ class DPSAdamW(torch.optim.Optimizer):
     def is_mix_param(self, param) -> bool:
         """True when ``param`` is a DPS parameter of this optimizer in a wired mode (Mix,
         Mixout): its training forward uses the mixed weight."""
-        if self.mode not in WIRED_MODES or id(param) not in self._param_index:
+        if self.mode not in WIRED_MODES:
+            return False
+        if id(param) not in self._param_index:
+            self._adopt_swapped_params()   # an engine may have replaced the parameters
+        if id(param) not in self._param_index:
             return False
         return self._group_of(param)["dps"]
 

@@ -140,3 +140,48 @@ def test_distributed_checkpoint_resumes_exactly_and_reshards(mode, tmp_path):
         for a, b, c in zip(ws, ss, rs):
             assert torch.equal(a, b)                      # bit-exact resume
             torch.testing.assert_close(c, a, rtol=0, atol=WEIGHT_ATOL)
+
+
+@pytest.mark.parametrize("mode", ["dense", "mix"])
+def test_parameters_swapped_after_construction_are_adopted(mode):
+    """What accelerate's FSDP2 ``prepare`` does (``fsdp2_switch_optimizer_parameters``): the
+    optimizer is built, then every parameter object in the model and in ``param_groups`` is
+    replaced. State is created lazily, so the optimizer adopts the new objects (index i
+    stays index i: the same Mix masks) and trains exactly like one built on them; W0 is the
+    weight of the first training forward. Mix needs ``attach`` again for the new objects;
+    the old wiring goes inert instead of putting the old Parameter back."""
+    from dps_kernels import DPSAdamW, attach
+
+    def swap(model, opt):
+        mapping = {}
+        for module in model:
+            for name, param in list(module._parameters.items()):
+                new = torch.nn.Parameter(param.detach().clone())
+                module._parameters[name] = new
+                mapping[id(param)] = new
+        for group in opt.param_groups:
+            group["params"] = [mapping[id(p)] for p in group["params"]]
+
+    swapped_model = w.make_model()
+    swapped = w.build(swapped_model, mode, "torch")
+    swap(swapped_model, swapped)
+    if mode == "mix":
+        attach(swapped_model, swapped)
+    got = w.train(swapped_model, swapped)
+    direct_model = w.make_model()
+    ref = w.train(direct_model, w.build(direct_model, mode, "torch"))
+    for t in ref["masks"]:
+        assert all(torch.equal(a, b) for a, b in zip(ref["masks"][t], got["masks"][t]))
+    for ws, gs in zip(ref["weights"], got["weights"]):
+        assert all(torch.equal(a, b) for a, b in zip(ws, gs))
+
+    # a swap after state exists would orphan it: refused with the reason
+    model = w.make_model()
+    opt = DPSAdamW.from_model(model, mode="dense", update_steps=2, backend="torch")
+    x, y = w.batch(1)
+    ((model(x) - y) ** 2).mean().backward()
+    opt.step()
+    swap(model, opt)
+    ((model(x) - y) ** 2).mean().backward()
+    with pytest.raises(RuntimeError, match="replaced after .* had stepped"):
+        opt.step()
