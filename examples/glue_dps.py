@@ -98,6 +98,8 @@ def parse_args(argv=None):
     ap.add_argument("--store", default=None,
                     help="JSON-lines run store (default: glue_runs.jsonl in the cwd); finished "
                          "runs in it are skipped")
+    ap.add_argument("--report-only", nargs="+", metavar="STORE", default=None,
+                    help="run nothing: write the report (--report folder) of these stores")
     ap.add_argument("--report", default=None,
                     help="folder for summary.md and the box plots (default: next to --store)")
     ap.add_argument("--smoke", action="store_true",
@@ -119,7 +121,7 @@ def parse_args(argv=None):
     if args.store is None:
         args.store = "glue_smoke.jsonl" if args.smoke else "glue_runs.jsonl"
     if args.report is None:
-        args.report = os.path.dirname(os.path.abspath(args.store))
+        args.report = os.path.dirname(os.path.abspath((args.report_only or [args.store])[0]))
     return args
 
 
@@ -279,13 +281,17 @@ def environment(args):
 
 
 def best_vanilla_lr(store, task, subset):
-    """The lr of the best vanilla mean of ``task`` (and train subset) in the store."""
-    means = {}
-    for s in glue_store.summarize(store.rows):
-        if (s["task"], s["subset"], s["method"]) == (task, subset, "vanilla"):
-            lr = next(r["lr"] for r in store.rows if (r["task"], r["method"], r.get("subset"))
-                      == (task, "vanilla", subset) and glue_store._config(r) == s["config"])
-            means[lr] = s["mean"]
+    """The lr of the best vanilla mean of ``task`` (and train subset) in the store, over the
+    seeds every searched lr has (the search's): later runs at the chosen lr do not change
+    the choice, so a resumed experiment keeps its lr."""
+    runs = [r for r in store.rows
+            if (r["task"], r.get("subset"), r["method"]) == (task, subset, "vanilla")]
+    by_lr: dict = {}
+    for r in runs:
+        by_lr.setdefault(float(r["lr"]), {})[r["seed"]] = r["value"]
+    common = set.intersection(*(set(v) for v in by_lr.values())) if by_lr else set()
+    means = {lr: sum(v[seed] for seed in common) / len(common) for lr, v in by_lr.items()
+             if common}
     if not means:
         raise SystemExit(f"--lr-from-store: no vanilla runs of {task} (subset {subset}) in the "
                          f"store; run a vanilla lr search first")
@@ -338,6 +344,13 @@ def main(argv=None):
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
+    if args.report_only:
+        store = glue_store.RunStore(args.report_only[0])
+        for path in args.report_only[1:]:
+            store.rows += glue_store.RunStore(path).rows
+        table, plots = report(store, args)
+        print(table)
+        return store.rows
     store = glue_store.RunStore(args.store)
     data_of = {}
     with tempfile.TemporaryDirectory(prefix="glue_dps_") as workdir:

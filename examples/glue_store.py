@@ -6,7 +6,7 @@ stopped and a grown one (more seeds, another task) runs only what is new.
 
 Summary per (task, method, lr, hyperparameters): mean and sample std (n-1) of the dev metric,
 n, and the failed-run count as the DPS paper uses it: runs below the mean of vanilla
-fine-tuning on the same task (and subset).
+fine-tuning on the same task, subset and lr.
 """
 from __future__ import annotations
 
@@ -51,67 +51,89 @@ def _stats(values: list[float]) -> tuple[float, Optional[float]]:
     return mean, std
 
 
-def _config(row: dict) -> str:
-    hp = ", ".join(f"{k}={v}" for k, v in sorted(row.get("hparams", {}).items()))
-    return f"lr={row['lr']:g}" + (f", {hp}" if hp else "")
+def _hparams(row: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(row.get("hparams", {}).items())) or "-"
 
 
 def summarize(rows: Iterable[dict]) -> list[dict]:
-    """One entry per (task, subset, method, config) with mean, std, n and failed runs."""
+    """One entry per (task, subset, method, lr, hyperparameters): mean, std, n and failed
+    runs, i.e. runs below the mean of vanilla fine-tuning on the same task, subset and lr."""
     groups: dict = {}
     for r in rows:
-        groups.setdefault((r["task"], r.get("subset"), r["method"], _config(r)), []).append(r)
+        key = (r["task"], r.get("subset"), r["method"], float(r["lr"]), _hparams(r))
+        groups.setdefault(key, []).append(r)
     vanilla_mean = {}
-    for (task, subset, method, _), runs in groups.items():
+    for (task, subset, method, lr, _), runs in groups.items():
         if method == "vanilla":
-            # the vanilla mean of the task: over its best-mean lr when several were run
-            mean, _ = _stats([r["value"] for r in runs])
-            key = (task, subset)
-            vanilla_mean[key] = max(vanilla_mean.get(key, -math.inf), mean)
+            vanilla_mean[(task, subset, lr)] = _stats([r["value"] for r in runs])[0]
     out = []
-    for (task, subset, method, config), runs in sorted(groups.items()):
+    for (task, subset, method, lr, hparams), runs in sorted(groups.items()):
         values = [r["value"] for r in sorted(runs, key=lambda r: r["seed"])]
         mean, std = _stats(values)
-        base = vanilla_mean.get((task, subset))
+        base = vanilla_mean.get((task, subset, lr))
         failed = None if base is None else sum(1 for v in values if math.isnan(v) or v < base)
-        out.append({"task": task, "subset": subset, "method": method, "config": config,
-                    "metric": runs[0]["metric"], "n": len(values), "mean": mean, "std": std,
-                    "failed": failed, "values": values,
+        out.append({"task": task, "subset": subset, "method": method, "lr": lr,
+                    "hparams": hparams, "metric": runs[0]["metric"], "n": len(values),
+                    "mean": mean, "std": std, "failed": failed, "values": values,
                     "seeds": sorted(r["seed"] for r in runs)})
     return out
 
 
+def main_entries(summary: list[dict]) -> list[dict]:
+    """Per (task, subset, method, hyperparameters) the lr with the most runs (the
+    experiment's; the others are a vanilla lr search)."""
+    best: dict = {}
+    for s in summary:
+        key = (s["task"], s["subset"], s["method"], s["hparams"])
+        if key not in best or (s["n"], s["mean"]) > (best[key]["n"], best[key]["mean"]):
+            best[key] = s
+    return list(best.values())
+
+
+def _cell(s: Optional[dict], with_lr: bool = True) -> str:
+    if s is None:
+        return "-"
+    std = "n/a" if s["std"] is None else f"{s['std']:.2f}"
+    failed = "" if s["failed"] is None else f", {s['failed']} failed"
+    lr = f"; lr {s['lr']:g}" if with_lr else ""
+    return f"{s['mean']:.2f} ± {std} (n={s['n']}{failed}{lr})"
+
+
 def markdown(summary: list[dict], methods: list[str], labels: dict) -> str:
-    """Methods down, tasks across: ``mean ± std (n, failed)``, one table per subset."""
+    """Methods down, tasks across: ``mean ± std (n, failed; lr)``, one table per subset, then
+    every lr of the vanilla runs (the lr search)."""
     lines = []
+    main = main_entries(summary)
     for subset in sorted({s["subset"] for s in summary}, key=lambda s: (s is None, s)):
-        part = [s for s in summary if s["subset"] == subset]
+        part = [s for s in main if s["subset"] == subset]
         tasks = sorted({s["task"] for s in part})
         title = "full train set" if subset is None else f"{subset} training examples"
+        metric = {t: next(s["metric"] for s in part if s["task"] == t) for t in tasks}
         lines += [f"### {title}", "",
-                  "| method | config | " + " | ".join(
-                      f"{t} ({next(s['metric'] for s in part if s['task'] == t)})"
-                      for t in tasks) + " |",
-                  "|---|---|" + "---|" * len(tasks)]
-        configs = []
+                  "| method | hyperparameters | " + " | ".join(f"{t} ({metric[t]})" for t in tasks)
+                  + " |", "|---|---|" + "---|" * len(tasks)]
+        rows = []
         for m in methods:
             for s in part:
-                if s["method"] == m and (m, s["config"]) not in configs:
-                    configs.append((m, s["config"]))
-        for m, config in configs:
-            cells = []
-            for t in tasks:
-                s = next((s for s in part if (s["task"], s["method"], s["config"]) == (t, m, config)), None)
-                if s is None:
-                    cells.append("-")
-                    continue
-                std = "n/a" if s["std"] is None else f"{s['std']:.2f}"
-                failed = "" if s["failed"] is None else f", {s['failed']} failed"
-                cells.append(f"{s['mean']:.2f} ± {std} (n={s['n']}{failed})")
-            lines.append(f"| {labels.get(m, m)} | {config} | " + " | ".join(cells) + " |")
+                if s["method"] == m and (m, s["hparams"]) not in rows:
+                    rows.append((m, s["hparams"]))
+        for m, hp in rows:
+            cells = [_cell(next((s for s in part if (s["task"], s["method"], s["hparams"])
+                                 == (t, m, hp)), None)) for t in tasks]
+            lines.append(f"| {labels.get(m, m)} | {hp} | " + " | ".join(cells) + " |")
+        search = [s for s in summary if s["subset"] == subset and s["method"] == "vanilla"]
+        if len({s["lr"] for s in search}) > 1:
+            lines += ["", f"vanilla at every lr run ({title}; the lr of the table above is "
+                      "the one with the most runs):", "", "| lr | " + " | ".join(tasks) + " |",
+                      "|---|" + "---|" * len(tasks)]
+            for lr in sorted({s["lr"] for s in search}):
+                cells = [_cell(next((s for s in search if (s["task"], s["lr"]) == (t, lr)),
+                                    None), with_lr=False) for t in tasks]
+                lines.append(f"| {lr:g} | " + " | ".join(cells) + " |")
         lines.append("")
     lines.append("mean ± sample std over seeds of the dev metric (x100); failed = runs below "
-                 "the vanilla mean of the task (the paper's definition).")
+                 "the vanilla mean of the same task and lr (the paper's definition of a "
+                 "failed run, against vanilla).")
     return "\n".join(lines)
 
 
@@ -124,9 +146,10 @@ def box_plots(summary: list[dict], methods: list[str], labels: dict, out_dir: st
 
     os.makedirs(out_dir, exist_ok=True)
     paths = []
-    for task, subset in sorted({(s["task"], s["subset"]) for s in summary},
+    main = main_entries(summary)
+    for task, subset in sorted({(s["task"], s["subset"]) for s in main},
                                key=lambda x: (x[0], x[1] is None, x[1])):
-        part = [s for s in summary if (s["task"], s["subset"]) == (task, subset)]
+        part = [s for s in main if (s["task"], s["subset"]) == (task, subset)]
         part = [s for m in methods for s in part if s["method"] == m]
         if not part:
             continue

@@ -156,13 +156,16 @@ def test_script_scoring_and_summary(tmp_path):
     reopened = glue_store.RunStore(str(tmp_path / "runs.jsonl"))   # resumable
     assert reopened.done(glue_store.run_key("RTE", "dense", 2, 1e-4, 1000, {}))
     assert not reopened.done(glue_store.run_key("RTE", "dense", 4, 1e-4, 1000, {}))
-    summary = {(s["method"], s["config"]): s for s in glue_store.summarize(reopened.rows)}
-    dense = summary[("dense", "lr=0.0001")]
+    summary = {(s["method"], s["lr"]): s for s in glue_store.summarize(reopened.rows)}
+    dense = summary[("dense", 1e-4)]
     assert dense["mean"] == 60.0 and dense["std"] == 4.0 and dense["n"] == 3  # sample std
-    assert dense["failed"] == 1                  # 56 < vanilla mean 58 (best-mean lr)
-    assert summary[("vanilla", "lr=0.001")]["std"] is None
+    assert dense["failed"] == 1                  # 56 < vanilla mean 58 at the same lr
+    assert summary[("vanilla", 1e-3)]["std"] is None
     table = glue_store.markdown(list(summary.values()), ["vanilla", "dense"], {})
-    assert "| dense | lr=0.0001 | 60.00 ± 4.00 (n=3, 1 failed) |" in table
+    assert "| dense | - | 60.00 ± 4.00 (n=3, 1 failed; lr 0.0001) |" in table
+    assert "| vanilla | - | 58.00 ± 1.41 (n=2, 1 failed; lr 0.0001) |" in table
+    assert "| 0.001 | 40.00 ± n/a (n=1, 0 failed) |" in table     # the lr search table
+    # the lr choice compares the seeds every lr has (seed 1: 57 vs 40), so it stays put
     assert glue_dps.best_vanilla_lr(reopened, "RTE", 1000) == 1e-4
 
 
