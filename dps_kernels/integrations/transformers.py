@@ -29,9 +29,10 @@ Why the Trainer's behaviour is already right for DPS (each point is checked by
   ``step``/``state_dict``/``param_groups`` to DPSAdamW. Use :func:`unwrap_dps_optimizer`
   to reach DPS-specific methods (``stage()``, ``subnetwork()``...).
 
-Not covered: DeepSpeed (it builds its own optimizer), and FSDP1 with flattened parameters
-(there is no per-Linear weight to select from). FSDP2 / ``use_orig_params=True`` would
-select per local shard; that path has not been run.
+Distributed (``docs/distributed.md``): DDP and FSDP2 select exactly what one process
+selects; DeepSpeed ZeRO and FSDP1 flat parameters are refused when the optimizer is built.
+accelerate's FSDP2 ``prepare`` swaps the optimizer's parameters after it is built, which
+DPSAdamW adopts (state is created lazily); Mix then needs ``attach`` on the prepared model.
 """
 from __future__ import annotations
 
