@@ -916,6 +916,8 @@ class DPSAdamW(torch.optim.Optimizer):
         patterns of parameters without weight decay (default: biases and norm-layer weights).
         In ``mode="mix"`` and ``mode="mixout"`` the model is wired (:func:`dps_kernels.attach`).
         """
+        for name, param in model.named_parameters():   # FSDP1 hides the Linear weights
+            refuse_flat(param, f"parameter {name!r} (shape {tuple(param.shape)})")
         groups = build_param_groups(model, targets=targets, no_decay=no_decay,
                                     weight_decay=weight_decay)
         optimizer = cls(groups, **kwargs)

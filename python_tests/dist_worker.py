@@ -133,3 +133,32 @@ def run_checkpoint(rank, world, port, ckpt_dir, out_path, phase, mode):
         dist.destroy_process_group()
     if rank == 0:
         torch.save(out, out_path)
+
+
+def run_fsdp1(rank, world, port, out_path):
+    """Build DPSAdamW on a real FSDP1 model (flat parameters, use_orig_params off and on)
+    and record the errors."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from dps_kernels import DPSAdamW
+
+    errors = {}
+    try:
+        for orig in (False, True):
+            for how in ("from_model", "parameters"):
+                model = FullyShardedDataParallel(make_model(), use_orig_params=orig,
+                                                 device_id=torch.device("cpu"))
+                try:
+                    if how == "from_model":
+                        DPSAdamW.from_model(model, mode="mix", update_steps=2)
+                    else:
+                        DPSAdamW(model.parameters(), mode="dense", update_steps=2)
+                    errors[(orig, how)] = None
+                except ValueError as error:
+                    errors[(orig, how)] = str(error)
+    finally:
+        dist.destroy_process_group()
+    if rank == 0:
+        torch.save(errors, out_path)

@@ -185,3 +185,15 @@ def test_parameters_swapped_after_construction_are_adopted(mode):
     ((model(x) - y) ** 2).mean().backward()
     with pytest.raises(RuntimeError, match="replaced after .* had stepped"):
         opt.step()
+
+
+def test_real_fsdp1_is_refused(tmp_path):
+    """FullyShardedDataParallel on 2 CPU processes, with and without use_orig_params: the
+    optimizer is refused when built, from the model or from its parameters."""
+    out = str(tmp_path / "fsdp1.pt")
+    sys.path.insert(0, HERE)
+    mp.spawn(w.run_fsdp1, args=(2, free_port(), out), nprocs=2)
+    errors = torch.load(out)
+    assert len(errors) == 4
+    for key, message in errors.items():
+        assert message is not None and "FSDP1 flat parameter" in message, key
