@@ -307,6 +307,11 @@ class DPSAdamW(torch.optim.Optimizer):
                 if self.capturable:
                     raise ValueError(f"capturable=True does not support sharded (FSDP2) "
                                      f"parameters yet; DPS {where} is a DTensor")
+                if self.mode in CHILD_MODES:
+                    raise ValueError(f"mode={self.mode!r} does not support sharded (FSDP2) "
+                                     f"parameters yet (its global threshold and per-element "
+                                     f"masks are not shard-aware); DPS {where} is a DTensor. "
+                                     f"Use DDP, or mode 'dense', 'mix' or 'mixout'")
             if param.numel() > MAX_TENSOR_ELEMENTS:
                 raise ValueError(f"{where} has {param.numel()} elements, more than the fused "
                                  f"kernels' limit of {MAX_TENSOR_ELEMENTS}; split it, or put "
