@@ -15,6 +15,11 @@ mask, and several models with their own optimizers in one process never interact
 The wiring is not part of the model's data: a ``copy.deepcopy`` or a pickle of a wired
 model is a plain model (inert hooks), and the Parameters carry no reference to the
 optimizer, so ``torch.save(model)`` works.
+
+Under ``torch.compile`` Dynamo traces these hooks into the model's graph; ``W~`` then comes
+from one opaque op per weight whose arguments are the weight and a fixed int
+(``mix_op.py``, ``docs/compile.md``), so the graph has no break and is not recompiled at
+new steps or stages.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from . import mix_op
 from .distributed import is_sharded
 
 # The optimizer modes whose forward mixes the weight with its anchor: DPS Mix, and Mixout
@@ -47,10 +53,8 @@ class _MixWeight(torch.autograd.Function):
 
 def mixed_weight(optimizer, param: torch.Tensor) -> torch.Tensor:
     """The training-time weight of Mix DPS parameter ``param`` for the next optimizer step."""
-    mask = optimizer._mix_mask(param)
-    anchor = optimizer._mix_anchor(param)
-    p = optimizer._group_of(param)["p"]
-    return _MixWeight.apply(param, anchor, mask, p, optimizer._backend_for(param))
+    anchor, mask, p, backend = mix_op.mix_inputs(optimizer, param)
+    return _MixWeight.apply(param, anchor, mask, p, backend)
 
 
 # param -> weakref to the optimizer it is wired to. Kept here, not on the Parameter, so a
@@ -65,6 +69,7 @@ class MixHandle:
         self.optimizer = optimizer
         self.hooks = []
         self.params = []
+        self.slots = []   # mix_op registry entries (what a compiled forward names)
 
     def remove(self) -> None:
         self.optimizer._invalidate_plans()
@@ -73,8 +78,11 @@ class MixHandle:
         for param in self.params:
             self.optimizer._wired.pop(id(param), None)
             _OWNERS.pop(param, None)
+        for slot in self.slots:
+            mix_op.release(slot)
         self.hooks.clear()
         self.params.clear()
+        self.slots.clear()
 
 
 def attach(model: nn.Module, optimizer) -> MixHandle:
@@ -126,10 +134,18 @@ def attach(model: nn.Module, optimizer) -> MixHandle:
             _OWNERS[param] = weakref.ref(optimizer)
             optimizer._wired[id(param)] = handle
             handle.params.append(param)
+    for module in by_module:
+        # attach() again after an engine replaced the parameters: the module's old wiring
+        # by this optimizer goes inert, so only the new one swaps
+        for hook in list(module._forward_pre_hooks.values()):
+            old = getattr(hook, "__self__", None)
+            if isinstance(old, _MixSwap) and old.optimizer is optimizer:
+                old.optimizer, old.params = None, {}
     for module, names in by_module.items():
         swap = _MixSwap(optimizer, {name: module._parameters[name] for name in names})
         handle.hooks += [module.register_forward_pre_hook(swap.swap_in),
                          module.register_forward_hook(swap.swap_out, always_call=True)]
+        handle.slots += swap.slots.values()
         for param in swap.params.values():
             _OWNERS[param] = weakref.ref(optimizer)
             optimizer._wired[id(param)] = handle
@@ -172,20 +188,41 @@ class _MixSwap:
     def __init__(self, optimizer=None, params=None):
         self.optimizer = optimizer   # None: inert
         self.params = params or {}
+        # name -> mix_op slot of (optimizer, param): what a compiled forward passes the op
+        self.slots = {name: mix_op.register(optimizer, param)
+                      for name, param in self.params.items()} if optimizer else {}
         self.depth = 0               # nested calls of the same module keep the outermost swap
 
     def swap_in(self, mod, args):
+        if torch.compiler.is_compiling():
+            return _undone_in_region(self._swap_in, mod)
+        return self._swap_in(mod)
+
+    def swap_out(self, mod, args, output):
+        if torch.compiler.is_compiling():
+            return _undone_in_region(self._swap_out, mod)
+        return self._swap_out(mod)
+
+    def _swap_in(self, mod):
         self.depth += 1
         if self.optimizer is None or self.depth > 1 or not mod.training:
             return None
+        compiling = torch.compiler.is_compiling()
         for name, param in self.params.items():
-            mod._parameters[name] = mixed_weight(self.optimizer, param)
+            if mod._parameters.get(name) is not param:
+                continue   # an engine replaced the parameter: attach() again wires the new one
+            mod._parameters[name] = (mix_op.mixed_weight(param, self.slots[name]) if compiling
+                                     else mixed_weight(self.optimizer, param))
         return None
 
-    def swap_out(self, mod, args, output):
+    def _swap_out(self, mod):
         self.depth -= 1
         if self.depth == 0:
             for name, param in self.params.items():
+                if mod._parameters.get(name) is not param:   # swapped in by this hook: W~
+                    current = mod._parameters.get(name)
+                    if current is None or isinstance(current, nn.Parameter):
+                        continue   # replaced by an engine, not by swap_in: leave it
                 mod._parameters[name] = param
         return None
 
@@ -194,3 +231,17 @@ class _MixSwap:
 
     def __reduce__(self):
         return (_MixSwap, ())
+
+
+def _undone_in_region(hook, mod):
+    """Trace ``hook(mod)`` (a swap) letting it mutate the module and the depth counter
+    inside a higher-order op. Dynamo refuses any mutation of outside state within the body
+    of ``torch.utils.checkpoint`` (whose eager recomputation would replay it), unless the
+    global ``torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint`` is set.
+    A swap and its swap-back both run in the same region and cancel out, so nothing needs
+    replaying; torch's helper for exactly that lifts the check for this call only. It is
+    private: on a torch without it the hook is called as is (and checkpointed regions need
+    that config)."""
+    allow = getattr(torch._dynamo.utils,
+                    "_disable_side_effect_safety_checks_for_current_subtracer", None)
+    return hook(mod) if allow is None else allow(hook, mod)

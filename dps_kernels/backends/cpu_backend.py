@@ -30,6 +30,7 @@ import torch
 
 from ..mask_bits import check_mask_bits
 from ..step_types import MixMask, StepKind, TensorStep
+from . import cpu_fake
 from .base import Backend, write_out
 
 # Must equal dps::kAbiVersion in csrc/ops.h.
@@ -116,6 +117,8 @@ def unavailable_reason() -> Optional[str]:
     with _lock:
         if not _state["done"]:
             _state["reason"] = _load()
+            if _state["reason"] is None:
+                cpu_fake.register()   # so torch.compile / opcheck can trace the ops
             _state["done"] = True
         reason = _state["reason"]
         if reason is not None and not _state["warned"]:

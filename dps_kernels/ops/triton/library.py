@@ -19,6 +19,13 @@ fake tensors), on first use of the backend, never at ``import dps_kernels``:
 The optimizer step (``fused_step``) is not an op: it mutates a variable list of tensors
 through a pointer table, which no schema can describe; it runs outside compiled graphs,
 like ``torch.optim``'s own fused kernels.
+
+Under ``TRITON_INTERPRET=1`` the kernels cannot be traced (``wrap_triton`` hands an
+interpreted kernel back unwrapped, so a launcher run on FakeTensors would launch it on
+tensors without data). There the same four ops are plain ``torch.library.custom_op``s,
+opaque to ``torch.compile``, whose fake implementations only allocate the outputs (the
+``_fake_*`` functions below: shape, dtype, device and contiguous layout of what the
+launchers return).
 """
 from __future__ import annotations
 
@@ -27,9 +34,44 @@ from typing import Optional
 
 import torch
 
+from ...backends import interpreter_enabled
+from ...mask_bits import num_words
 from . import mask_bits, mix, radix_select
 
 _OPS: Optional[SimpleNamespace] = None
+
+
+def _fake_mix_weight(weight, anchor, cols, column_key, keep_threshold, gam, column_factor,
+                     threshold, p, out_dtype, device_step=None, key_base=0, update_steps=1,
+                     stage_anchor=None, mask_bits=None):
+    return torch.empty(weight.shape, dtype=out_dtype or weight.dtype, device=weight.device)
+
+
+def _fake_mix_grad(grad, cols, column_key, keep_threshold, gam, column_factor, threshold,
+                   device_step=None, key_base=0, update_steps=1, mask_bits=None):
+    return torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
+
+
+def _fake_select_threshold(gam, column_factor, k, approx):
+    return torch.empty((), dtype=torch.float32, device=gam.device)
+
+
+def _fake_pack_mask(gam, column_factor, threshold):
+    return torch.empty(num_words(gam.numel()), dtype=torch.int32, device=gam.device)
+
+
+def _define(name: str, fake):
+    """``triton_op`` (traceable launchers) on a GPU; under the interpreter a custom op with
+    ``fake`` as its fake implementation (see the module docstring)."""
+    if not interpreter_enabled():
+        from torch.library import triton_op
+        return triton_op(name, mutates_args=())
+
+    def define(fn):
+        op = torch.library.custom_op(name, fn, mutates_args=())
+        op.register_fake(fake)
+        return op
+    return define
 
 
 def register() -> SimpleNamespace:
@@ -38,7 +80,7 @@ def register() -> SimpleNamespace:
     global _OPS
     if _OPS is not None:
         return _OPS
-    from torch.library import triton_op, wrap_triton
+    from torch.library import wrap_triton
 
     def _wrap(kernel):
         # Interpreted kernels (TRITON_INTERPRET=1) cannot be traced; recent torch returns
@@ -48,7 +90,7 @@ def register() -> SimpleNamespace:
         except RuntimeError:
             return kernel
 
-    @triton_op("dps_kernels::triton_mix_weight", mutates_args=())
+    @_define("dps_kernels::triton_mix_weight", _fake_mix_weight)
     def triton_mix_weight(weight: torch.Tensor, anchor: torch.Tensor, cols: int,
                           column_key: Optional[int], keep_threshold: int,
                           gam: Optional[torch.Tensor], column_factor: Optional[torch.Tensor],
@@ -62,7 +104,7 @@ def register() -> SimpleNamespace:
                               column_factor, threshold, p, out_dtype, device_step, key_base,
                               update_steps, stage_anchor, launch=_wrap, mask_bits=mask_bits)
 
-    @triton_op("dps_kernels::triton_mix_grad", mutates_args=())
+    @_define("dps_kernels::triton_mix_grad", _fake_mix_grad)
     def triton_mix_grad(grad: torch.Tensor, cols: int, column_key: Optional[int],
                         keep_threshold: int, gam: Optional[torch.Tensor],
                         column_factor: Optional[torch.Tensor],
@@ -74,13 +116,13 @@ def register() -> SimpleNamespace:
                             threshold, device_step, key_base, update_steps, launch=_wrap,
                             mask_bits=mask_bits)
 
-    @triton_op("dps_kernels::triton_select_threshold", mutates_args=())
+    @_define("dps_kernels::triton_select_threshold", _fake_select_threshold)
     def triton_select_threshold(gam: torch.Tensor, column_factor: Optional[torch.Tensor],
                                 k: int, approx: bool) -> torch.Tensor:
         return radix_select.select_threshold(gam, column_factor, k, approx,
                                              launch=_wrap)
 
-    @triton_op("dps_kernels::triton_pack_mask", mutates_args=())
+    @_define("dps_kernels::triton_pack_mask", _fake_pack_mask)
     def triton_pack_mask(gam: torch.Tensor, column_factor: Optional[torch.Tensor],
                          threshold: torch.Tensor) -> torch.Tensor:
         return mask_bits.pack_mask(gam, column_factor, threshold, launch=_wrap)
