@@ -30,66 +30,29 @@ gradient masked per step by the counter hash; no extra state).
 from __future__ import annotations
 
 import itertools
-import math
 import operator
 import warnings
-from fractions import Fraction
 from typing import Optional
 
 import torch
 
-from . import checkpoint
-from .distributed import is_sharded, local, refuse_flat, select_sharded, shard_group
+from . import checkpoint, selection
+from .distributed import is_sharded, local, refuse_flat, shard_group
 from . import reference as ref
 from .backends import BACKEND_NAMES, auto_backend_name, get_backend, unavailable_reason
 from .group_plan import GroupPlan, mix_factor_table
-from .histogram_select import kth_largest_of_unions
 from .mask_bits import num_words, unpack_mask
 from .mask_hash import (column_keep_mask, columns_of, key_base, keep_threshold,
                         keep_threshold_of_fraction, step_key)
 from .mix import WIRED_MODES, attach
+from .modes import (CHILD_MODES, CYCLIC_MODES, DEFAULT_P, DEFAULT_RESERVE_P,  # noqa: F401
+                    MODES, check_number, mode_fractions)
 from .model_groups import build_param_groups
 from .schedule import (STAGE_ONE, STAGE_TWO, is_last_of_stage_one, is_stage_start,
                        resolve_update_steps, selected_count, stage_of)
 from .step_types import MAX_TENSOR_ELEMENTS, GroupStep, MixMask, StepKind, TensorStep
 
-MODES = ("dense", "mix", "mixout", "childtuning_d", "childtuning_f")
-# The DPS modes proper: cyclic stages, a selection at the end of each Stage I.
-CYCLIC_MODES = ("dense", "mix")
-# Modes whose subnetwork is chosen by CHILD-TUNING's reserve_p (the fraction KEPT).
-CHILD_MODES = ("childtuning_d", "childtuning_f")
-DEFAULT_P = 0.3
-DEFAULT_RESERVE_P = 0.3
-
-
-def _check_number(name, value, low, high=None, low_open=False):
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > low if low_open else value >= low) and (high is None or value < high)
-    if not ok:
-        bound = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'})"
-        raise ValueError(f"{name} must be a finite number in {bound}, got {value!r}")
-
-
-def _mode_fractions(mode: str, p, reserve_p) -> tuple:
-    """``(p, reserve_p)`` of a mode: DPS and Mixout take ``p`` (dropped), CHILD-TUNING takes
-    ``reserve_p`` (kept); the other one is refused, so the two are never confused. The
-    CHILD-TUNING modes store ``p = 0`` in their groups (unused)."""
-    if mode in CHILD_MODES:
-        if p is not None:
-            raise ValueError(f"mode={mode!r} takes reserve_p (the fraction KEPT), not p (the "
-                             f"fraction dropped); got p={p!r}")
-        reserve_p = DEFAULT_RESERVE_P if reserve_p is None else reserve_p
-        _check_number("reserve_p", reserve_p, 0.0, None, low_open=True)
-        if reserve_p > 1.0:
-            raise ValueError(f"reserve_p must be a finite number in (0, 1], got {reserve_p!r}")
-        return 0.0, float(reserve_p)
-    if reserve_p is not None:
-        raise ValueError(f"reserve_p belongs to the CHILD-TUNING modes {CHILD_MODES}; "
-                         f"mode={mode!r} takes p (the fraction dropped), got "
-                         f"reserve_p={reserve_p!r}")
-    return (DEFAULT_P if p is None else p), None
-
-
+_check_number = check_number
 _GRAD = operator.attrgetter("grad")
 # What a copy or a pickle of the optimizer keeps besides torch's defaults/state/groups.
 _PICKLED_SETTINGS = ("mode", "update_steps", "adamw_style", "seed", "backend_request",
@@ -156,7 +119,7 @@ class DPSAdamW(torch.optim.Optimizer):
                  fp32_moments=False, reserve_p=None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        p, reserve_p = _mode_fractions(mode, p, reserve_p)
+        p, reserve_p = mode_fractions(mode, p, reserve_p)
         if mode not in CYCLIC_MODES:
             given = {name: value for name, value in (("total_steps", total_steps),
                      ("update_ratio", update_ratio), ("update_steps", update_steps))
@@ -486,55 +449,9 @@ class DPSAdamW(torch.optim.Optimizer):
         return task
 
     def _select(self, due: list) -> None:
-        """Choose the Stage II subnetworks right after the last Stage I step.
-
-        ``due`` holds ``(param, group, state, backend)`` of every tensor that just closed
-        Stage I; each backend gets all of its tensors in one ``select_thresholds`` call,
-        which writes the thresholds into the state in place (their addresses stay put).
-        """
-        by_backend: dict[int, tuple[object, list]] = {}
-        sharded = []
-        for param, group, state, backend in due:
-            if param.numel() == 0:
-                continue   # nothing to select: its (empty) subnetwork is its (empty) tensor
-            if self.mode == "mix":
-                state["column_factor"].copy_(
-                    ref.mix_column_factor(state["fam"], self.update_steps))
-            if is_sharded(param):
-                sharded.append((param, group, state))
-                continue
-            by_backend.setdefault(id(backend), (backend, []))[1].append((param, group, state))
-        if sharded:
-            self._select_sharded(sharded)
-        for backend, entries in by_backend.values():
-            items = [(state["gam"], state["column_factor"] if self.mode == "mix" else None,
-                      selected_count(param.numel(), group["p"]))
-                     for param, group, state in entries]
-            backend.select_thresholds(items, out=[state["threshold"] for _, _, state in entries])
-            for (gam, factor, _), (param, _, state) in zip(items, entries):
-                backend.pack_mask(gam, factor, state["threshold"], out=state["mask_bits"])
-                if self.mode == "mix":
-                    # The hand-over: GAM has been read for the last time this cycle; its
-                    # buffer holds W' (the Stage II anchor) from now to the next reset.
-                    gam.copy_(param.detach())
-
-    def _select_sharded(self, due: list) -> None:
-        """The selection of sharded (FSDP2) tensors: the exact k-th largest over all shards,
-        by radix select on local histograms summed over each tensor's shard group (one
-        ``all_reduce`` per pass for all of them; ``distributed.select_sharded``). Every
-        process runs this at the same step with the same tensors. No bits: the Stage II
-        kernels recompute the mask from the local GAM; Mix snapshots W' into
-        ``stage_anchor``."""
-        items = []
-        for param, group, state in due:
-            gam = local(state["gam"])
-            score = gam if self.mode != "mix" else ref.mix_score(gam, state["column_factor"])
-            items.append((shard_group(param), score, selected_count(param.numel(), group["p"]),
-                          param.numel()))
-        for (param, _, state), value in zip(due, select_sharded(items)):
-            state["threshold"].fill_(value)
-            if self.mode == "mix":
-                local(state["stage_anchor"]).copy_(local(param.detach()))
+        """Choose the Stage II subnetworks right after the last Stage I step
+        (``selection.select``)."""
+        selection.select(self, due)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -825,47 +742,7 @@ class DPSAdamW(torch.optim.Optimizer):
         cut by one element). Elements ``>= threshold`` are kept (ties too). Must be called
         before the first step; everything is checked before anything changes.
         """
-        if self.mode != "childtuning_d":
-            raise ValueError(f"set_child_network() belongs to mode='childtuning_d', this "
-                             f"optimizer has mode={self.mode!r}")
-        targets = [(param, group) for group in self.param_groups if group["dps"]
-                   for param in group["params"]]
-        scores = []
-        for param, group in targets:
-            where = f"parameter #{self._param_index[id(param)]} (shape {tuple(param.shape)})"
-            if _steps_taken(self.state.get(param, {})):
-                raise RuntimeError(f"set_child_network(): {where} has already stepped; "
-                                   f"CHILD-TUNING_D fixes its subnetwork before training")
-            value = fisher.get(param) if hasattr(fisher, "get") else None
-            if value is None:
-                raise ValueError(f"set_child_network(): fisher has no entry for DPS {where}")
-            if (not torch.is_tensor(value) or not value.is_floating_point()
-                    or tuple(value.shape) != tuple(param.shape)):
-                raise ValueError(f"set_child_network(): fisher of {where} must be a floating "
-                                 f"tensor of shape {tuple(param.shape)}, got "
-                                 f"{checkpoint._describe(value)}")
-            value = value.detach().to(device=param.device, dtype=torch.float32,
-                                      memory_format=torch.contiguous_format, copy=True)
-            if not bool(torch.isfinite(value).all()) or bool((value < 0).any()):
-                raise ValueError(f"set_child_network(): fisher of {where} must be finite "
-                                 f"and >= 0")
-            scores.append(value.reshape(param.shape))
-        total = sum(score.numel() for score in scores)
-        if total == 0:
-            raise ValueError("set_child_network(): the DPS parameters have no elements")
-        k = max(1, min(total, math.ceil(total * Fraction(repr(self.reserve_p)))))
-        threshold = kth_largest_of_unions([scores], [k])[0]
-        for (param, group), score in zip(targets, scores):
-            state = self._init_state(param, group)
-            state["gam"] = score
-            state["threshold"] = torch.tensor(threshold, dtype=torch.float32,
-                                              device=param.device)
-            state["mask_bits"] = torch.zeros(num_words(param.numel()), dtype=torch.int32,
-                                             device=param.device)
-            self._backend_for(param).pack_mask(score, None, state["threshold"],
-                                               out=state["mask_bits"])
-        self._invalidate_plans()
-        return self.selected_fraction()
+        return selection.choose_child_network(self, fisher)
 
     def selected_fraction(self) -> Optional[float]:
         """Fraction of DPS elements in the current subnetwork (None while in Stage I)."""
