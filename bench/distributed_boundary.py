@@ -101,6 +101,12 @@ def worker(rank, world, port, out_path):
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(result, f)
+    # FSDP2 keeps the gloo group alive past destroy_process_group; its worker threads can abort
+    # the interpreter's teardown (python_tests/dist_worker.py: exit_without_teardown), so a
+    # finished worker leaves without one.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def free_port() -> int:
