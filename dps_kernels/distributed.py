@@ -88,27 +88,33 @@ def refuse_flat(param, where: str) -> None:
             f"FSDP2 (torch.distributed.fsdp.fully_shard) or DDP")
 
 
+def sum_over(group):
+    """A callback that sums a host int64 tensor in place over ``group`` (``all_reduce``;
+    NCCL reduces device tensors only, so there it goes through the current device)."""
+    import torch.distributed as dist
+
+    def reduce(counts: torch.Tensor) -> None:
+        if "nccl" in str(dist.get_backend(group)):
+            on_device = counts.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(on_device, group=group)
+            counts.copy_(on_device.cpu())
+        else:
+            dist.all_reduce(counts, group=group)
+    return reduce
+
+
 def select_sharded(items) -> list[float]:
     """Exact thresholds of sharded tensors: ``items`` = ``[(group, local_score, k, numel)]``.
 
     Tensors of one process group share one ``all_reduce`` per radix pass. Every process
     must call this with the same tensors in the same order (the optimizer's own order)."""
-    import torch.distributed as dist
-
     out: list[Optional[float]] = [None] * len(items)
     by_group: dict = {}
     for i, (group, score, k, numel) in enumerate(items):
         by_group.setdefault(group, []).append(i)
     for group, indices in by_group.items():
-        def reduce(counts, group=group):
-            if "nccl" in str(dist.get_backend(group)):   # NCCL reduces device tensors only
-                on_device = counts.to(torch.device("cuda", torch.cuda.current_device()))
-                dist.all_reduce(on_device, group=group)
-                counts.copy_(on_device.cpu())
-            else:
-                dist.all_reduce(counts, group=group)
         values = kth_largest_of_unions([[items[i][1]] for i in indices],
-                                       [items[i][2] for i in indices], reduce=reduce,
+                                       [items[i][2] for i in indices], reduce=sum_over(group),
                                        totals=[items[i][3] for i in indices])
         for i, value in zip(indices, values):
             out[i] = value

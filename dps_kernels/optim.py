@@ -24,7 +24,7 @@ dtype), ``fam`` and ``column_factor`` (fp32 per column), and capturable Mix ``st
 The paper's subnetwork baselines are modes on the same kernels (``docs/baselines.md``):
 ``mixout`` (Mix Stage I forever, plain AdamW step; state: ``anchor``), ``childtuning_d``
 (Dense Stage II forever with one global subnetwork from ``set_child_network``; state:
-``gam`` = the Fisher, ``threshold``, ``mask_bits``) and ``childtuning_f`` (plain AdamW on a
+``gam`` = the Fisher, ``threshold``, ``mask_bits`` unless sharded) and ``childtuning_f`` (plain AdamW on a
 gradient masked per step by the counter hash; no extra state).
 """
 from __future__ import annotations
@@ -270,11 +270,13 @@ class DPSAdamW(torch.optim.Optimizer):
                 if self.capturable:
                     raise ValueError(f"capturable=True does not support sharded (FSDP2) "
                                      f"parameters yet; DPS {where} is a DTensor")
-                if self.mode in CHILD_MODES:
-                    raise ValueError(f"mode={self.mode!r} does not support sharded (FSDP2) "
-                                     f"parameters yet (its global threshold and per-element "
-                                     f"masks are not shard-aware); DPS {where} is a DTensor. "
-                                     f"Use DDP, or mode 'dense', 'mix' or 'mixout'")
+                if self.mode == "childtuning_f":
+                    raise ValueError(f"mode='childtuning_f' does not support sharded (FSDP2) "
+                                     f"parameters yet (its per-element masks are hashed from "
+                                     f"the element's index in the whole tensor, which a "
+                                     f"shard's kernels do not know); DPS {where} is a "
+                                     f"DTensor. Use DDP, or mode 'childtuning_d', 'dense', "
+                                     f"'mix' or 'mixout'")
             if param.numel() > MAX_TENSOR_ELEMENTS:
                 raise ValueError(f"{where} has {param.numel()} elements, more than the fused "
                                  f"kernels' limit of {MAX_TENSOR_ELEMENTS}; split it, or put "
@@ -411,11 +413,14 @@ class DPSAdamW(torch.optim.Optimizer):
                 f"model: call dps_kernels.attach(model, optimizer) or build the optimizer "
                 f"with DPSAdamW.from_model(model, mode={self.mode!r}, ...)")
         if (self.mode == "childtuning_d" and group["dps"]
-                and "mask_bits" not in self.state.get(param, {})):
+                and "threshold" not in self.state.get(param, {})):
             raise RuntimeError(
                 f"DPSAdamW(mode='childtuning_d') has no subnetwork for DPS {where}: choose it "
                 f"before the first step with optimizer.set_child_network(fisher), e.g. "
-                f"fisher = dps_kernels.child_tuning_fisher(model, batches, loss_fn)")
+                f"fisher = dps_kernels.child_tuning_fisher(model, batches, loss_fn). "
+                f"Resuming with torch.distributed.checkpoint? get_optimizer_state_dict "
+                f"takes a step to build the state: call set_child_network before it, with "
+                f"any Fisher (the loaded state replaces it)")
 
     def _task(self, param, group, state, t) -> TensorStep:
         beta1, beta2 = group["betas"]
@@ -715,7 +720,7 @@ class DPSAdamW(torch.optim.Optimizer):
         if not group["dps"]:
             raise ValueError("subnetwork() needs a DPS parameter (its group has 'dps': False)")
         state = self.state.get(param, {})
-        if self.mode == "childtuning_d" and "mask_bits" not in state:
+        if self.mode == "childtuning_d" and "threshold" not in state:   # no network yet
             return None
         if self._stage(_steps_taken(state) + 1) == STAGE_ONE:
             return None

@@ -17,7 +17,7 @@ import torch
 
 from . import checkpoint
 from . import reference as ref
-from .distributed import is_sharded, local, select_sharded, shard_group
+from .distributed import is_sharded, local, select_sharded, shard_group, sum_over
 from .histogram_select import kth_largest_of_unions
 from .mask_bits import num_words
 from .schedule import selected_count
@@ -79,13 +79,26 @@ def select_sharded_tensors(opt, due: list) -> None:
 
 def choose_child_network(opt, fisher) -> float:
     """``DPSAdamW.set_child_network`` (see there); everything is checked before anything
-    changes."""
+    changes.
+
+    Sharded (FSDP2) parameters take their Fisher as a DTensor laid out like them (what
+    :func:`dps_kernels.child_tuning_fisher` gives on the sharded model): each process counts
+    its shards into the radix-select histograms and one ``all_reduce`` per pass sums them over
+    the shard group; an unsharded DPS tensor, whole on every process, is counted by the
+    group's first process only. The checks that look at values agree over the group first,
+    so every process raises the same error or none does."""
     if opt.mode != "childtuning_d":
         raise ValueError(f"set_child_network() belongs to mode='childtuning_d', this "
                          f"optimizer has mode={opt.mode!r}")
     targets = [(param, group) for group in opt.param_groups if group["dps"]
                for param in group["params"]]
-    scores = []
+    shard_groups = {shard_group(param) for param, _ in targets if is_sharded(param)}
+    if len(shard_groups) > 1:
+        raise ValueError(f"set_child_network(): the sharded DPS parameters are spread over "
+                         f"{len(shard_groups)} different process groups; CHILD-TUNING_D's one "
+                         f"threshold needs them sharded over one (one FSDP2 mesh)")
+    over = shard_groups.pop() if shard_groups else None
+    wheres, scores = [], []
     for param, group in targets:
         where = f"parameter #{opt._param_index[id(param)]} (shape {tuple(param.shape)})"
         if _steps_taken(opt.state.get(param, {})):
@@ -99,25 +112,61 @@ def choose_child_network(opt, fisher) -> float:
             raise ValueError(f"set_child_network(): fisher of {where} must be a floating "
                              f"tensor of shape {tuple(param.shape)}, got "
                              f"{checkpoint._describe(value)}")
-        value = value.detach().to(device=param.device, dtype=torch.float32,
-                                  memory_format=torch.contiguous_format, copy=True)
-        if not bool(torch.isfinite(value).all()) or bool((value < 0).any()):
-            raise ValueError(f"set_child_network(): fisher of {where} must be finite "
-                             f"and >= 0")
-        scores.append(value.reshape(param.shape))
-    total = sum(score.numel() for score in scores)
+        if is_sharded(param) and not (
+                is_sharded(value) and value.device_mesh == param.device_mesh
+                and tuple(value.placements) == tuple(param.placements)):
+            raise ValueError(f"set_child_network(): DPS {where} is sharded (FSDP2, placements "
+                             f"{tuple(param.placements)}), so its fisher must be a DTensor "
+                             f"laid out like it, e.g. from child_tuning_fisher on the sharded "
+                             f"model; got {type(value).__name__}"
+                             + (f" with placements {tuple(value.placements)}"
+                                if is_sharded(value) else ""))
+        if is_sharded(value) and not is_sharded(param):
+            raise ValueError(f"set_child_network(): DPS {where} is not sharded, but its "
+                             f"fisher is a DTensor")
+        value = local(value).detach().to(device=param.device, dtype=torch.float32,
+                                         memory_format=torch.contiguous_format, copy=True)
+        wheres.append(where)
+        scores.append(value.reshape(local(param).shape))
+    bad = torch.tensor([int(not bool(torch.isfinite(v).all()) or bool((v < 0).any()))
+                        for v in scores], dtype=torch.int64)
+    if over is not None and len(bad):
+        sum_over(over)(bad)   # a bad shard anywhere fails every process
+    if len(bad) and bool(bad.any()):
+        first = int(bad.nonzero()[0])
+        raise ValueError(f"set_child_network(): fisher of {wheres[first]} must be finite "
+                         f"and >= 0")
+    total = sum(param.numel() for param, _ in targets)   # a DTensor's numel is the whole's
     if total == 0:
         raise ValueError("set_child_network(): the DPS parameters have no elements")
     k = max(1, min(total, math.ceil(total * Fraction(repr(opt.reserve_p)))))
-    threshold = kth_largest_of_unions([scores], [k])[0]
+    pieces = scores
+    if over is not None:
+        import torch.distributed as dist
+        counted_here = dist.get_rank(over) == 0
+        pieces = [score if is_sharded(param) or counted_here else score[:0]
+                  for (param, _), score in zip(targets, scores)]
+    threshold = kth_largest_of_unions([pieces], [k], totals=[total],
+                                      reduce=sum_over(over) if over is not None else None)[0]
     for (param, group), score in zip(targets, scores):
         state = opt._init_state(param, group)
-        state["gam"] = score
         state["threshold"] = torch.tensor(threshold, dtype=torch.float32,
                                           device=param.device)
+        if is_sharded(param):
+            # GAM laid out like the parameter; no bits (a shard's bits would not survive
+            # resharding): the Stage II kernels compare the local GAM with the threshold.
+            state["gam"] = torch.zeros_like(param, dtype=torch.float32)
+            local(state["gam"]).copy_(score)
+            continue
+        state["gam"] = score
         state["mask_bits"] = torch.zeros(num_words(param.numel()), dtype=torch.int32,
                                          device=param.device)
         opt._backend_for(param).pack_mask(score, None, state["threshold"],
                                            out=state["mask_bits"])
+    # Every other parameter's state too: the optimizer is then wholly initialized, as
+    # torch.distributed.checkpoint expects of one with any state (its init step is skipped).
+    for group in opt.param_groups:
+        for param in group["params"]:
+            opt._init_state(param, group)
     opt._invalidate_plans()
     return opt.selected_fraction()

@@ -49,10 +49,29 @@ def batch(t):
     return torch.randn(GLOBAL_BATCH, 13, generator=g), torch.randn(GLOBAL_BATCH, 2, generator=g)
 
 
-def build(model, mode, backend):
-    from dps_kernels import DPSAdamW
-    return DPSAdamW.from_model(model, mode=mode, p=0.4, lr=1e-2, weight_decay=0.01,
-                               update_steps=US, backend=backend, seed=3)
+def loss_of(model, xy):
+    return ((model(xy[0]) - xy[1]) ** 2).mean()
+
+
+def build(model, mode, backend, rank=0, world=1, placeholder=False):
+    """The optimizer; CHILD-TUNING_D's also gets its subnetwork, from the Fisher of 3 batches
+    (each rank its slice of them, as in training), or with ``placeholder`` from a zero
+    Fisher (every element kept) that a loaded checkpoint must replace."""
+    from dps_kernels import DPSAdamW, child_tuning_fisher
+    if mode != "childtuning_d":
+        return DPSAdamW.from_model(model, mode=mode, p=0.4, lr=1e-2, weight_decay=0.01,
+                                   update_steps=US, backend=backend, seed=3)
+    opt = DPSAdamW.from_model(model, mode=mode, reserve_p=0.4, lr=1e-2, weight_decay=0.01,
+                              backend=backend, seed=3)
+    per = GLOBAL_BATCH // world
+    batches = [tuple(t[rank * per:(rank + 1) * per] for t in batch(50 + i)) for i in range(3)]
+    # max_grad_norm clips every weight's gradient (their norms: 0.28-0.59), so the sharded
+    # run must clip each by its whole norm, as the single process does
+    fisher = child_tuning_fisher(model, batches, loss_of, max_grad_norm=0.05)
+    if placeholder:
+        fisher = {p: torch.zeros_like(f) for p, f in fisher.items()}
+    opt.set_child_network(fisher)
+    return opt
 
 
 def train(model, opt, rank=0, world=1, full=lambda t: t, steps=range(1, STEPS + 1)):
@@ -64,7 +83,7 @@ def train(model, opt, rank=0, world=1, full=lambda t: t, steps=range(1, STEPS + 
         x, y = batch(t)
         x, y = x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
         opt.zero_grad()
-        ((model(x) - y) ** 2).mean().backward()
+        loss_of(model, (x, y)).backward()
         opt.step()
         masks = [opt.subnetwork(p) for p in dps]
         if masks[0] is not None:
@@ -90,12 +109,12 @@ def run(rank, world, port, out_path, combos):
                     if isinstance(module, nn.Linear):
                         fully_shard(module)
                 fully_shard(model)
-                opt = build(model, mode, backend)
+                opt = build(model, mode, backend, rank, world)
                 results[(engine, backend, mode)] = train(model, opt, rank, world,
                                                          full=lambda t: t.full_tensor())
             else:
                 wrapped = DistributedDataParallel(model)
-                opt = build(wrapped, mode, backend)
+                opt = build(wrapped, mode, backend, rank, world)
                 results[(engine, backend, mode)] = train(wrapped, opt, rank, world)
     finally:
         if rank == 0:
@@ -131,7 +150,9 @@ def run_checkpoint(rank, world, port, ckpt_dir, out_path, phase, mode):
     full = lambda t: t.full_tensor()  # noqa: E731
     try:
         model = shard(make_model())
-        opt = build(model, mode, "auto")
+        # CHILD-TUNING_D resumes with a placeholder subnetwork (DCP's state init takes a step,
+        # which needs one); the loaded state must replace it.
+        opt = build(model, mode, "auto", rank, world, placeholder=phase == "load")
         dtypes = None
         if phase == "save":
             train(model, opt, rank, world, full, steps=range(1, SAVE_AFTER + 1))
@@ -153,6 +174,82 @@ def run_checkpoint(rank, world, port, ckpt_dir, out_path, phase, mode):
         dist.destroy_process_group()
     if rank == 0:
         torch.save(out, out_path)
+    exit_without_teardown()
+
+
+def run_child_errors(rank, world, port, out_path):
+    """CHILD-TUNING under FSDP2, what must fail: every rank records what it raised.
+
+    ``nan_on_rank1``: a NaN in rank 1's shard of one Fisher only; every rank must raise the
+    same error (a rank that went on into the histogram all_reduce would hang) and keep no
+    subnetwork. ``plain_fisher``: a whole plain tensor for a sharded weight. ``mode_f``,
+    ``capturable``: CHILD-TUNING_F and capturable=True are refused when built."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from dps_kernels import DPSAdamW, child_tuning_fisher
+    from dps_kernels.distributed import local
+
+    errors = {}
+    try:
+        model = shard(make_model())
+        opt = DPSAdamW.from_model(model, mode="childtuning_d", reserve_p=0.4, backend="torch")
+        fisher = child_tuning_fisher(model, [batch(1)], loss_of)
+        first = model[0].weight
+        if rank == 1:
+            local(fisher[first])[0, 0] = float("nan")
+        try:
+            opt.set_child_network(fisher)
+            errors["nan_on_rank1"] = None
+        except ValueError as error:
+            errors["nan_on_rank1"] = str(error)
+        errors["state_after_nan"] = sorted(opt.state.get(first, {}))
+        plain = dict(fisher)
+        plain[first] = torch.zeros(first.shape)
+        try:
+            opt.set_child_network(plain)
+            errors["plain_fisher"] = None
+        except ValueError as error:
+            errors["plain_fisher"] = str(error)
+        for name, kwargs in (("mode_f", dict(mode="childtuning_f", reserve_p=0.4)),
+                             ("capturable", dict(mode="dense", update_steps=2, capturable=True))):
+            try:
+                DPSAdamW.from_model(model, **kwargs)
+                errors[name] = None
+            except ValueError as error:
+                errors[name] = str(error)
+    finally:
+        dist.destroy_process_group()
+    torch.save(errors, f"{out_path}.rank{rank}")
+    exit_without_teardown()
+
+
+def child_network_on_whole_batches(model):
+    """CHILD-TUNING_D's subnetwork from the Fisher of 3 whole batches (the same on every
+    rank); the full masks of the DPS weights."""
+    from dps_kernels import DPSAdamW, child_tuning_fisher
+    opt = DPSAdamW.from_model(model, mode="childtuning_d", reserve_p=0.4, backend="torch")
+    opt.set_child_network(child_tuning_fisher(model, [batch(50 + i) for i in range(3)],
+                                              loss_of))
+    dps = [p for g in opt.param_groups if g["dps"] for p in g["params"]]
+    masks = [opt.subnetwork(p) for p in dps]
+    return [m.full_tensor() if hasattr(m, "full_tensor") else m for m in masks]
+
+
+def run_child_mixed(rank, world, port, out_path):
+    """Only the first Linear sharded, the others plain and whole on every rank (each rank
+    computes the same Fisher for them): the plain tensors must be counted once, not once per
+    rank, in CHILD-TUNING_D's one threshold."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from torch.distributed.fsdp import fully_shard
+    try:
+        model = make_model()
+        fully_shard(model[0])
+        masks = child_network_on_whole_batches(model)
+    finally:
+        dist.destroy_process_group()
+    if rank == 0:
+        torch.save(masks, out_path)
     exit_without_teardown()
 
 

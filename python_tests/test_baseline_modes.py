@@ -243,6 +243,9 @@ def test_childtuning_d_needs_its_network_and_checks_it():
         opt.set_child_network({net.a.weight: -torch.rand(24, 11), net.b.weight: torch.rand(7, 24)})
     assert not opt.state or all("mask_bits" not in s for s in opt.state.values())
     opt.set_child_network({net.a.weight: torch.rand(24, 11), net.b.weight: torch.rand(7, 24)})
+    # every parameter has its state now, the non-DPS ones too: torch.distributed.checkpoint
+    # takes an optimizer with any state for a whole one (and skips its init step)
+    assert all(opt.state[p]["step"] == 0 for p in net.parameters())
     opt.step()
     with pytest.raises(RuntimeError, match="already stepped"):
         opt.set_child_network({net.a.weight: torch.rand(24, 11), net.b.weight: torch.rand(7, 24)})

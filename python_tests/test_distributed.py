@@ -12,7 +12,8 @@ compares:
 * the full weights after every step: within 1e-6 absolute (measured: <= 9e-8), the rounding
   of the gradient all-reduce / reduce-scatter carried over 9 steps of lr 1e-2.
 
-Every backend available on CPU runs (``triton`` under ``TRITON_INTERPRET=1``), Dense and Mix.
+Every backend available on CPU runs (``triton`` under ``TRITON_INTERPRET=1``), Dense, Mix
+and CHILD-TUNING_D (its one global subnetwork, from a Fisher computed on the sharded model).
 """
 from __future__ import annotations
 
@@ -66,13 +67,16 @@ def single_process(backend, mode):
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_fsdp2_and_ddp_select_what_one_process_selects(world, tmp_path):
-    combos = [("fsdp2", b, m) for b in backends() for m in ("dense", "mix")]
-    combos += [("ddp", "cpu" if "cpu" in backends() else "torch", m) for m in ("dense", "mix")]
+    modes = ("dense", "mix", "childtuning_d")
+    combos = [("fsdp2", b, m) for b in backends() for m in modes]
+    combos += [("ddp", "cpu" if "cpu" in backends() else "torch", m) for m in modes]
     results = run_world(world, combos, tmp_path)
     for engine, backend, mode in combos:
         got, ref = results[(engine, backend, mode)], single_process(backend, mode)
         what = f"{engine}/{backend}/{mode}/world {world}"
-        assert sorted(got["masks"]) == sorted(ref["masks"]) == [2, 3, 6, 7], what
+        # DPS: Stage II at steps 2-3 and 6-7; CHILD-TUNING_D: its one subnetwork throughout
+        stage_two = list(range(1, w.STEPS + 1)) if mode == "childtuning_d" else [2, 3, 6, 7]
+        assert sorted(got["masks"]) == sorted(ref["masks"]) == stage_two, what
         for t in ref["masks"]:
             for a, b in zip(ref["masks"][t], got["masks"][t]):
                 assert a.shape == b.shape and torch.equal(a, b), f"{what}: mask at step {t}"
@@ -104,12 +108,14 @@ def test_fsdp1_flat_parameters_and_zero_partitions_are_refused():
             DPSAdamW([zero], mode=mode, update_steps=2)
 
 
-@pytest.mark.parametrize("mode", ["dense", "mix"])
+@pytest.mark.parametrize("mode", ["dense", "mix", "childtuning_d"])
 def test_distributed_checkpoint_resumes_exactly_and_reshards(mode, tmp_path):
     """torch.distributed.checkpoint with get/set_optimizer_state_dict, saved mid Stage II on
     2 ranks: resumed on 2 ranks the run is bit-identical; resumed on 3 ranks (resharded) it
     selects the same subnetworks, with weights within WEIGHT_ATOL (the gradient reduction
-    order differs). GAM, FAM, thresholds and anchors come back in their dtypes."""
+    order differs). GAM, FAM, thresholds and anchors come back in their dtypes.
+    CHILD-TUNING_D resumes from a placeholder subnetwork (all kept), which the loaded one
+    must replace."""
     ckpt = str(tmp_path / "ckpt")
 
     def spawn(world, phase):
@@ -185,6 +191,39 @@ def test_parameters_swapped_after_construction_are_adopted(mode):
     ((model(x) - y) ** 2).mean().backward()
     with pytest.raises(RuntimeError, match="replaced after .* had stepped"):
         opt.step()
+
+
+def test_child_tuning_under_fsdp2_fails_on_every_rank_alike(tmp_path):
+    """A bad Fisher on one rank's shard only: every rank raises the same error and keeps no
+    subnetwork (no rank waits in a collective the others skipped). A plain whole tensor for a
+    sharded weight is refused with the layout it needs; CHILD-TUNING_F (per-element masks)
+    and capturable=True are refused when built (not shard-aware yet)."""
+    out = str(tmp_path / "child_errors")
+    sys.path.insert(0, HERE)
+    mp.spawn(w.run_child_errors, args=(2, free_port(), out), nprocs=2)
+    ranks = [torch.load(f"{out}.rank{r}") for r in range(2)]
+    assert ranks[0] == ranks[1]
+    errors = ranks[0]
+    assert "parameter #0 (shape (29, 13)) must be finite and >= 0" in errors["nan_on_rank1"]
+    assert "threshold" not in errors["state_after_nan"]
+    assert "must be a DTensor laid out like it" in errors["plain_fisher"]
+    assert "mode='childtuning_f' does not support sharded" in errors["mode_f"]
+    assert "capturable=True does not support sharded" in errors["capturable"]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_child_tuning_counts_unsharded_tensors_once(world, tmp_path):
+    """First Linear sharded, the rest plain on every rank: the same subnetwork as one
+    process (a plain tensor counted once per rank would move the global threshold)."""
+    out = str(tmp_path / "child_mixed.pt")
+    sys.path.insert(0, HERE)
+    mp.spawn(w.run_child_mixed, args=(world, free_port(), out), nprocs=world)
+    got = torch.load(out)
+    ref = w.child_network_on_whole_batches(w.make_model())
+    assert len(got) == len(ref) == 3
+    for a, b in zip(ref, got):
+        assert torch.equal(a, b)
+    assert any(not bool(m.all()) for m in ref) and any(bool(m.any()) for m in ref)
 
 
 def test_real_fsdp1_is_refused(tmp_path):
