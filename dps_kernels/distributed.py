@@ -68,6 +68,27 @@ def shard_group(param):
     return mesh.get_group(shard_dims[0])
 
 
+def first_element(param) -> int:
+    """The flat index, in the whole tensor, of the first element of ``param``'s local dim-0
+    shard (0 when not sharded). ``Shard(0)`` splits rows like ``torch.chunk``: ``ceil(rows / n)``
+    per process, the last ones shorter or empty. Checked against the local shard's length,
+    so a layout that splits otherwise raises instead of hashing the wrong elements."""
+    if not is_sharded(param):
+        return 0
+    import torch.distributed as dist
+    group = shard_group(param)
+    rows = param.shape[0] if param.dim() else 1
+    n, r = dist.get_world_size(group), dist.get_rank(group)
+    chunk = -(-rows // n)
+    start = min(r * chunk, rows)
+    held = local(param).shape[0] if param.dim() else local(param).numel()
+    if held != min(chunk, rows - start):
+        raise ValueError(f"the local shard of a parameter of shape {tuple(param.shape)} holds "
+                         f"{held} rows on rank {r} of {n}; DPS expects torch.chunk's split "
+                         f"({min(chunk, rows - start)} rows from row {start})")
+    return start * (param.numel() // rows if rows else 0)
+
+
 def refuse_flat(param, where: str) -> None:
     """Raise for parameters whose DPS weight is not a whole tensor or a dim-0 shard."""
     try:

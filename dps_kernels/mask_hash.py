@@ -87,6 +87,16 @@ def column_keep_mask(key: int, threshold: int, cols: int, device=None) -> torch.
     return (h >> 8) < threshold
 
 
+def element_keep_mask(key: int, threshold: int, start: int, count: int,
+                      device=None) -> torch.Tensor:
+    """Bool keep-mask of elements ``start .. start + count - 1`` when every element is its
+    own column (CHILD-TUNING_F): ``column_keep_mask(key, threshold, n)[start:start + count]``
+    without building the other ``n - count`` (a shard's piece of the whole tensor's mask)."""
+    col = torch.arange(start, start + count, dtype=torch.int64, device=device)
+    h = hash32_tensor(col ^ key)
+    return (h >> 8) < threshold
+
+
 def columns_of(shape) -> int:
     """Number of mask columns of a tensor: the input features of an ``[out, in, ...]`` weight.
 

@@ -37,13 +37,13 @@ from typing import Optional
 import torch
 
 from . import checkpoint, selection
-from .distributed import is_sharded, local, refuse_flat, shard_group
+from .distributed import first_element, is_sharded, local, refuse_flat, shard_group
 from . import reference as ref
 from .backends import BACKEND_NAMES, auto_backend_name, get_backend, unavailable_reason
 from .group_plan import GroupPlan, mix_factor_table
 from .mask_bits import num_words, unpack_mask
-from .mask_hash import (column_keep_mask, columns_of, key_base, keep_threshold,
-                        keep_threshold_of_fraction, step_key)
+from .mask_hash import (column_keep_mask, columns_of, element_keep_mask, key_base,
+                        keep_threshold, keep_threshold_of_fraction, step_key)
 from .mix import WIRED_MODES, attach
 from .modes import (CHILD_MODES, CYCLIC_MODES, DEFAULT_P, DEFAULT_RESERVE_P,  # noqa: F401
                     MODES, check_number, mode_fractions)
@@ -270,13 +270,6 @@ class DPSAdamW(torch.optim.Optimizer):
                 if self.capturable:
                     raise ValueError(f"capturable=True does not support sharded (FSDP2) "
                                      f"parameters yet; DPS {where} is a DTensor")
-                if self.mode == "childtuning_f":
-                    raise ValueError(f"mode='childtuning_f' does not support sharded (FSDP2) "
-                                     f"parameters yet (its per-element masks are hashed from "
-                                     f"the element's index in the whole tensor, which a "
-                                     f"shard's kernels do not know); DPS {where} is a "
-                                     f"DTensor. Use DDP, or mode 'childtuning_d', 'dense', "
-                                     f"'mix' or 'mixout'")
             if param.numel() > MAX_TENSOR_ELEMENTS:
                 raise ValueError(f"{where} has {param.numel()} elements, more than the fused "
                                  f"kernels' limit of {MAX_TENSOR_ELEMENTS}; split it, or put "
@@ -367,8 +360,17 @@ class DPSAdamW(torch.optim.Optimizer):
         ``param.grad`` is left as it was."""
         if param.numel() == 0:
             return grad
-        mask = MixMask(param.numel(), column_key=step_key(self.seed, self._param_index[id(param)], t),
-                       keep_threshold=keep_threshold_of_fraction(self.reserve_p))
+        key = step_key(self.seed, self._param_index[id(param)], t)
+        threshold = keep_threshold_of_fraction(self.reserve_p)
+        if is_sharded(param):
+            # The fused kernels hash the local index; a shard's elements are hashed by their
+            # index in the whole tensor (torch ops: one more pass, the same mask bit for bit).
+            keep = element_keep_mask(key, threshold, first_element(param), grad.numel(),
+                                     grad.device)
+            masked = torch.where(keep.view(grad.shape), grad, torch.zeros((), dtype=grad.dtype,
+                                                                          device=grad.device))
+            return masked.div_(self.reserve_p)
+        mask = MixMask(param.numel(), column_key=key, keep_threshold=threshold)
         masked = self._backend_for(param).mix_grad(grad.contiguous().reshape(-1), mask)
         return masked.div_(self.reserve_p).reshape(grad.shape)
 

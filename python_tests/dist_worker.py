@@ -58,6 +58,9 @@ def build(model, mode, backend, rank=0, world=1, placeholder=False):
     (each rank its slice of them, as in training), or with ``placeholder`` from a zero
     Fisher (every element kept) that a loaded checkpoint must replace."""
     from dps_kernels import DPSAdamW, child_tuning_fisher
+    if mode == "childtuning_f":
+        return DPSAdamW.from_model(model, mode=mode, reserve_p=0.4, lr=1e-2, weight_decay=0.01,
+                                   backend=backend, seed=3)
     if mode != "childtuning_d":
         return DPSAdamW.from_model(model, mode=mode, p=0.4, lr=1e-2, weight_decay=0.01,
                                    update_steps=US, backend=backend, seed=3)
@@ -182,8 +185,8 @@ def run_child_errors(rank, world, port, out_path):
 
     ``nan_on_rank1``: a NaN in rank 1's shard of one Fisher only; every rank must raise the
     same error (a rank that went on into the histogram all_reduce would hang) and keep no
-    subnetwork. ``plain_fisher``: a whole plain tensor for a sharded weight. ``mode_f``,
-    ``capturable``: CHILD-TUNING_F and capturable=True are refused when built."""
+    subnetwork. ``plain_fisher``: a whole plain tensor for a sharded weight. ``capturable``:
+    capturable=True is refused when built."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from dps_kernels import DPSAdamW, child_tuning_fisher
@@ -210,8 +213,7 @@ def run_child_errors(rank, world, port, out_path):
             errors["plain_fisher"] = None
         except ValueError as error:
             errors["plain_fisher"] = str(error)
-        for name, kwargs in (("mode_f", dict(mode="childtuning_f", reserve_p=0.4)),
-                             ("capturable", dict(mode="dense", update_steps=2, capturable=True))):
+        for name, kwargs in (("capturable", dict(mode="dense", update_steps=2, capturable=True)),):
             try:
                 DPSAdamW.from_model(model, **kwargs)
                 errors[name] = None

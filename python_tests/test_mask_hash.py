@@ -49,3 +49,13 @@ def test_columns_of():
     assert columns_of((4, 3, 2, 2)) == 12
     assert columns_of((5,)) == 5
     assert columns_of(()) == 1
+
+
+def test_element_keep_mask_is_a_slice_of_the_whole_tensor_mask():
+    """A shard's CHILD-TUNING_F mask: elements start .. start+count-1 of the whole mask."""
+    from dps_kernels.mask_hash import element_keep_mask, keep_threshold_of_fraction
+    key, thr, n = step_key(5, 2, 7), keep_threshold_of_fraction(0.3), 1000
+    whole = column_keep_mask(key, thr, n)
+    for start, count in ((0, 1000), (0, 347), (347, 347), (694, 306), (1000, 0)):
+        assert torch.equal(element_keep_mask(key, thr, start, count), whole[start:start + count])
+    assert not torch.equal(element_keep_mask(key, thr, 1, 347), whole[:347])
