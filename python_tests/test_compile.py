@@ -99,54 +99,41 @@ def compare(eager, got, exact, atol=1e-6, rtol=1e-5):
                 torch.testing.assert_close(b, a, atol=atol, rtol=rtol, msg=f"step {step + 1}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("mode", ["dense", "mix"])
-def test_inductor_matches_eager_without_recompiles(backend, mode):
-    model, opt = setup(backend, mode)
+def check_against_eager(compiler, *setup_args, **setup_kwargs):
+    """Train a fresh setup eagerly, and another compiled with ``compiler`` under
+    ``error_on_recompile``: one graph, no break; ``aot_eager`` must equal eager bit for bit,
+    Inductor (which fuses and reorders float ops) within ``compare``'s tolerances, with
+    equal subnetworks."""
+    model, opt = setup(*setup_args, **setup_kwargs)
     eager = train(model, opt, model, STEPS)
-    model, opt = setup(backend, mode)
-    run = compiled(model, "inductor")
+    model, opt = setup(*setup_args, **setup_kwargs)
+    run = compiled(model, compiler)
     with torch._dynamo.config.patch(error_on_recompile=True):
         got = train(model, opt, run, STEPS)
     assert_one_graph()
-    compare(eager, got, exact=False)
+    compare(eager, got, exact=compiler == "aot_eager")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["dense", "mix"])
+def test_inductor_matches_eager_without_recompiles(backend, mode):
+    check_against_eager("inductor", backend, mode)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("checkpointed", [False, True], ids=["plain", "checkpointed"])
 def test_mix_aot_eager_is_bitwise_eager(backend, checkpointed):
-    model, opt = setup(backend, "mix", checkpointed)
-    eager = train(model, opt, model, STEPS)
-    model, opt = setup(backend, "mix", checkpointed)
-    run = compiled(model, "aot_eager")
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        got = train(model, opt, run, STEPS)
-    assert_one_graph()
-    compare(eager, got, exact=True)
+    check_against_eager("aot_eager", backend, "mix", checkpointed)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_inductor_with_gradient_checkpointing(backend):
-    model, opt = setup(backend, "mix", checkpointed=True)
-    eager = train(model, opt, model, STEPS)
-    model, opt = setup(backend, "mix", checkpointed=True)
-    run = compiled(model, "inductor")
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        got = train(model, opt, run, STEPS)
-    assert_one_graph()
-    compare(eager, got, exact=False)
+    check_against_eager("inductor", backend, "mix", checkpointed=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mixout_aot_eager_is_bitwise_eager(backend):
-    model, opt = setup(backend, "mixout")
-    eager = train(model, opt, model, STEPS)
-    model, opt = setup(backend, "mixout")
-    run = compiled(model, "aot_eager")
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        got = train(model, opt, run, STEPS)
-    assert_one_graph()
-    compare(eager, got, exact=True)
+    check_against_eager("aot_eager", backend, "mixout")
 
 
 @pytest.mark.skipif(unavailable_reason("triton") is not None or
@@ -156,14 +143,7 @@ def test_mixout_aot_eager_is_bitwise_eager(backend):
 def test_triton_mix_aot_eager_is_bitwise_eager(capturable):
     # Capturable: the op hands the device step to the kernel, which picks the stage, the
     # key and the anchor itself (docs/capturable.md); host-scheduled: as on the cpu backend.
-    model, opt = setup("triton", "mix", capturable=capturable)
-    eager = train(model, opt, model, STEPS)
-    model, opt = setup("triton", "mix", capturable=capturable)
-    run = compiled(model, "aot_eager")
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        got = train(model, opt, run, STEPS)
-    assert_one_graph()
-    compare(eager, got, exact=True)
+    check_against_eager("aot_eager", "triton", "mix", capturable=capturable)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
