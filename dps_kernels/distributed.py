@@ -76,12 +76,12 @@ def first_element(param) -> int:
     if not is_sharded(param):
         return 0
     import torch.distributed as dist
-    group = shard_group(param)
-    rows = param.shape[0] if param.dim() else 1
+    group = shard_group(param)   # Shard(0): the parameter has a dim 0
+    rows = param.shape[0]
     n, r = dist.get_world_size(group), dist.get_rank(group)
     chunk = -(-rows // n)
     start = min(r * chunk, rows)
-    held = local(param).shape[0] if param.dim() else local(param).numel()
+    held = local(param).shape[0]
     if held != min(chunk, rows - start):
         raise ValueError(f"the local shard of a parameter of shape {tuple(param.shape)} holds "
                          f"{held} rows on rank {r} of {n}; DPS expects torch.chunk's split "

@@ -24,8 +24,8 @@ dtype), ``fam`` and ``column_factor`` (fp32 per column), and capturable Mix ``st
 The paper's subnetwork baselines are modes on the same kernels (``docs/baselines.md``):
 ``mixout`` (Mix Stage I forever, plain AdamW step; state: ``anchor``), ``childtuning_d``
 (Dense Stage II forever with one global subnetwork from ``set_child_network``; state:
-``gam`` = the Fisher, ``threshold``, ``mask_bits`` unless sharded) and ``childtuning_f`` (plain AdamW on a
-gradient masked per step by the counter hash; no extra state).
+``gam`` = the Fisher, ``threshold``, ``mask_bits`` unless sharded) and ``childtuning_f``
+(plain AdamW on a gradient masked per step by the counter hash; no extra state).
 """
 from __future__ import annotations
 
@@ -367,9 +367,7 @@ class DPSAdamW(torch.optim.Optimizer):
             # index in the whole tensor (torch ops: one more pass, the same mask bit for bit).
             keep = element_keep_mask(key, threshold, first_element(param), grad.numel(),
                                      grad.device)
-            masked = torch.where(keep.view(grad.shape), grad, torch.zeros((), dtype=grad.dtype,
-                                                                          device=grad.device))
-            return masked.div_(self.reserve_p)
+            return grad.masked_fill(~keep.view(grad.shape), 0).div_(self.reserve_p)
         mask = MixMask(param.numel(), column_key=key, keep_threshold=threshold)
         masked = self._backend_for(param).mix_grad(grad.contiguous().reshape(-1), mask)
         return masked.div_(self.reserve_p).reshape(grad.shape)
