@@ -5,9 +5,9 @@ load on first use.
 """
 from .backends import available_backends
 from .child_tuning import child_tuning_fisher
-from .mix import attach
+from .mix import attach, detach
 from .optim import DPSAdamW
 
 __version__ = "0.1.0"
 
-__all__ = ["DPSAdamW", "attach", "available_backends", "child_tuning_fisher", "__version__"]
+__all__ = ["DPSAdamW", "attach", "detach", "available_backends", "child_tuning_fisher", "__version__"]

@@ -1,11 +1,18 @@
 """DPSAdamW checkpoints: what ``state_dict`` adds, what ``load_state_dict`` checks and restores.
 
-State format 3 (``STATE_FORMAT``): host-scheduled Mix keeps W' in the GAM buffer during
-Stage II (the subnetwork is in ``mask_bits``) and has no ``stage_anchor``; a state with a
-``stage_anchor`` entry (format 1, or saved by a capturable optimizer) keeps GAM in ``gam``.
-Format 1 states are converted on load. Format 3 adds to the ``"dps"`` entry the saved ids
-of the parameters that had state (``params_with_state``), so a state missing from the
-checkpoint is told from a parameter that never had a gradient.
+State format 4 (``STATE_FORMAT``): host-scheduled Mix keeps W' in the GAM buffer during
+Stage II (the subnetwork is in ``mask_bits``) and has no ``stage_anchor``; capturable and
+FSDP2-sharded Mix keep GAM in ``gam`` and W' apart in ``stage_anchor``. Since format 4
+every Mix state says which in its ``anchor_in_gam`` entry (1 or 0): the presence of keys
+cannot tell, because ``torch.distributed.checkpoint``'s helpers hand ``load_state_dict``
+the union of the saved keys and those of the loading optimizer's own state (which its
+zero-lr init step created: all-zero ``mask_bits``, a ``stage_anchor`` copied from W0), or
+only the latter (``dcp.load``). Formats 1-3 are told by their keys (a ``stage_anchor``
+entry: W' apart) and converted on load. The packed subnetwork of a Dense or CHILD-TUNING_D
+state is always packed again from GAM and the threshold on load, so stale or missing bits
+never reach Stage II. Format 3 added to the ``"dps"`` entry the saved ids of the parameters
+that had state (``params_with_state``), so a state missing from the checkpoint is told from
+a parameter that never had a gradient.
 
 ``load_state_dict`` checks everything before anything changes (:func:`check_before_load`:
 the DPS configuration, the format, the param groups and their hyperparameters, every
@@ -29,8 +36,10 @@ from .mask_hash import columns_of
 # 2: host-scheduled Mix keeps W' in the GAM buffer during Stage II and has no stage_anchor;
 #    a state with a "stage_anchor" entry (format 1, or capturable) keeps GAM in "gam".
 # 3: the "dps" entry lists the saved ids of the parameters that had state.
-STATE_FORMAT = 3
-READABLE_FORMATS = (1, 2, 3)
+# 4: every Mix state carries ANCHOR_IN_GAM (which of the two layouts above it is in).
+STATE_FORMAT = 4
+READABLE_FORMATS = (1, 2, 3, 4)
+ANCHOR_IN_GAM = "anchor_in_gam"   # Mix: 1 = W' in the GAM buffer in Stage II, 0 = apart
 WITH_STATE = "params_with_state"   # the "dps" entry's list (not a setting to match)
 GROUP_SETTINGS = "dps_settings"    # the settings in each saved param group (DCP drops "dps")
 # What a saved param group must carry (torch's loader replaces the optimizer's groups with
@@ -50,6 +59,21 @@ def steps_taken(state: dict) -> int:
 def in_stage_two(state: dict, update_steps: int) -> bool:
     """The next step of this state is a Stage II step."""
     return steps_taken(state) % (2 * update_steps) >= update_steps
+
+
+def keeps_anchor_in_gam(opt, param) -> bool:
+    """The Mix layout ``opt`` uses for ``param``: host-scheduled and unsharded keeps W' in
+    the GAM buffer during Stage II (and the subnetwork in bits)."""
+    return not opt.capturable and not is_sharded(param)
+
+
+def saved_anchor_in_gam(state: dict) -> bool:
+    """The Mix layout a saved state is in: its ``ANCHOR_IN_GAM`` entry (format 4), else the
+    keys (formats 1-3: a ``stage_anchor`` entry means W' apart)."""
+    marker = state.get(ANCHOR_IN_GAM)
+    if marker is not None:
+        return bool(int(marker))
+    return "stage_anchor" not in state
 
 
 def config(opt) -> dict:
@@ -99,6 +123,15 @@ def check_before_load(opt, state_dict: dict) -> dict:
     _check_config(opt, saved)
     torch_part = {k: v for k, v in state_dict.items() if k != "dps"}
     pairs = _check_groups(opt, torch_part)
+    # Before format 4 a Mix state's layout is told by its keys; through DCP's helpers those
+    # keys are mixed with the loading optimizer's own (and so would be an
+    # ANCHOR_IN_GAM entry it created), so neither tells: such states are not trusted.
+    old_format = saved.get("format", STATE_FORMAT) < 4
+    if old_format:
+        torch_part["state"] = {key: ({k: v for k, v in value.items() if k != ANCHOR_IN_GAM}
+                                     if isinstance(value, dict) else value)
+                               for key, value in torch_part["state"].items()}
+    layout_known = not (old_format and "dps" not in state_dict)
     states = torch_part["state"]
     with_state = saved.get(WITH_STATE)   # None before format 3: nothing to compare with
     if with_state is not None and not isinstance(with_state, (list, tuple)):
@@ -108,7 +141,7 @@ def check_before_load(opt, state_dict: dict) -> dict:
     for saved_id, param, group in pairs:
         where = f"parameter #{opt._param_index[id(param)]} (shape {tuple(param.shape)})"
         if saved_id in states:
-            _check_param_state(opt, where, param, group, states[saved_id])
+            _check_param_state(opt, where, param, group, states[saved_id], layout_known)
         elif with_state is not None and saved_id in with_state:
             raise ValueError(f"the state of {where} is missing, but it had state when saved "
                              f"(it had stepped): loading would restart it at step 0")
@@ -181,7 +214,7 @@ def _expected_shapes(opt, param, group) -> dict:
     return keys
 
 
-def _check_param_state(opt, where: str, param, group, state) -> None:
+def _check_param_state(opt, where: str, param, group, state, layout_known=True) -> None:
     if not isinstance(state, dict):
         raise ValueError(f"the state of {where} is a {type(state).__name__}, not a dict")
     if "step" not in state:
@@ -195,6 +228,12 @@ def _check_param_state(opt, where: str, param, group, state) -> None:
         return
     if opt.mode == "mix" and "stage_anchor" in state:   # W' apart: format 1, capturable
         _check_tensor(where, "stage_anchor", state["stage_anchor"], tuple(param.shape))
+    marker = state.get(ANCHOR_IN_GAM)
+    if opt.mode == "mix" and marker is not None:
+        value = marker.item() if torch.is_tensor(marker) and marker.numel() == 1 else marker
+        if isinstance(value, bool) or value not in (0, 1):
+            raise ValueError(f"the state of {where}: {ANCHOR_IN_GAM!r} must be 0 or 1, got "
+                             f"{_describe(marker)}")
     bits = state.get("mask_bits")   # optional: packed again on load when absent
     words = (num_words(param.numel()),)
     if bits is not None and not (torch.is_tensor(bits) and bits.dtype == torch.int32
@@ -202,7 +241,7 @@ def _check_param_state(opt, where: str, param, group, state) -> None:
         raise ValueError(f"the state of {where}: 'mask_bits' must be an int32 tensor of "
                          f"shape {words}, got {_describe(bits)}")
     if opt.mode == "mix":
-        _check_mix_stage_two(opt, where, state, param)
+        _check_mix_stage_two(opt, where, state, param, layout_known)
 
 
 def _check_tensor(where: str, key: str, value, shape: tuple) -> None:
@@ -232,11 +271,30 @@ def _describe(value) -> str:
     return repr(value)
 
 
-def _check_mix_stage_two(opt, where: str, state: dict, param) -> None:
-    """A host-scheduled Mix state in Stage II holds W' in 'gam': GAM itself is gone."""
-    if "stage_anchor" in state or not in_stage_two(state, opt.update_steps):
+def _check_mix_stage_two(opt, where: str, state: dict, param, layout_known=True) -> None:
+    """A Mix state in Stage II needs W' and the subnetwork: a host-scheduled one holds W'
+    in 'gam' (GAM itself is gone) and the subnetwork in bits; the others GAM in 'gam' and
+    W' in 'stage_anchor'."""
+    if not in_stage_two(state, opt.update_steps):
         return
-    if "mask_bits" not in state:
+    if not layout_known:
+        raise ValueError(
+            f"the state of {where} is a Mix Stage II state saved before state format 4 and "
+            f"loaded through torch.distributed.checkpoint, whose helpers mix its keys with "
+            f"this optimizer's own: where it keeps W' cannot be told. Load it with "
+            f"optimizer.load_state_dict, or resume from a Stage I checkpoint")
+    if not saved_anchor_in_gam(state):
+        if "stage_anchor" not in state:
+            raise ValueError(
+                f"the state of {where} was saved in Mix Stage II with W' apart (by a "
+                f"capturable or FSDP2 optimizer), but its 'stage_anchor' is missing: "
+                f"torch.distributed.checkpoint's dcp.load reads only the keys of the "
+                f"loading optimizer's own state, and a host-scheduled unsharded one has "
+                f"none. Load it with set_optimizer_state_dict from get_optimizer_state_dict("
+                f"..., options=StateDictOptions(full_state_dict=True)), or with "
+                f"optimizer.load_state_dict, or resume from a Stage I checkpoint")
+        return
+    if "mask_bits" not in state and not (opt.capturable or is_sharded(param)):
         raise ValueError(f"the state of {where}: a Mix state saved in Stage II keeps W' in "
                          f"'gam' and the subnetwork in 'mask_bits', which is missing")
     if is_sharded(param):
@@ -293,24 +351,38 @@ def _restore_layout(opt) -> None:
             state = opt.state.get(param)
             if not state or "gam" not in state:
                 continue
+            anchor_in_gam = opt.mode == "mix" and saved_anchor_in_gam(state)
+            if opt.mode == "mix":
+                state[ANCHOR_IN_GAM] = int(keeps_anchor_in_gam(opt, param))
             if opt.capturable or is_sharded(param):
                 # GAM in "gam", W' apart, no bits (check_before_load refused a Stage II
                 # state that keeps W' in "gam" and the subnetwork only in bits)
-                if opt.mode == "mix" and "stage_anchor" not in state:
+                if opt.mode == "mix" and (anchor_in_gam or "stage_anchor" not in state):
+                    # Stage I only: W' is taken at the next selection
                     state["stage_anchor"] = state["anchor"].clone()
                 state.pop("mask_bits", None)
                 continue
-            bits = state.get("mask_bits")
-            if (bits is None or bits.dtype != torch.int32
-                    or bits.numel() != num_words(param.numel())):
-                state["mask_bits"] = torch.zeros(num_words(param.numel()), dtype=torch.int32,
-                                                 device=param.device)
-                factor = state["column_factor"] if opt.mode == "mix" else None
-                opt._backend_for(param).pack_mask(state["gam"], factor, state["threshold"],
-                                                  out=state["mask_bits"])
-            if opt.mode == "mix" and "stage_anchor" in state:
-                # "gam" is GAM (the bits were packed from it above) and W' is separate: in
-                # Stage II the GAM buffer takes W'.
-                anchor = state.pop("stage_anchor")
-                if in_stage_two(state, opt.update_steps):
+            if anchor_in_gam:
+                # host-scheduled Mix: in Stage II "gam" holds W' and the bits are the only
+                # record of the subnetwork (check_before_load made sure they are there); in
+                # Stage I the bits are unused until the selection packs them again
+                state.pop("stage_anchor", None)
+                if "mask_bits" not in state:
+                    state["mask_bits"] = torch.zeros(num_words(param.numel()),
+                                                     dtype=torch.int32, device=param.device)
+                continue
+            # "gam" holds GAM: pack the subnetwork from it, always. Bits that came with the
+            # state may be another optimizer's placeholder (torch.distributed.checkpoint's
+            # helpers keep the loading optimizer's all-zero bits when the saved state has
+            # none), and packing costs one pass.
+            state["mask_bits"] = torch.zeros(num_words(param.numel()), dtype=torch.int32,
+                                             device=param.device)
+            factor = state["column_factor"] if opt.mode == "mix" else None
+            opt._backend_for(param).pack_mask(state["gam"], factor, state["threshold"],
+                                              out=state["mask_bits"])
+            if opt.mode == "mix":
+                # W' was apart: in Stage II the GAM buffer takes it (check_before_load made
+                # sure it is there)
+                anchor = state.pop("stage_anchor", None)
+                if anchor is not None and in_stage_two(state, opt.update_steps):
                     state["gam"].copy_(anchor)

@@ -16,6 +16,12 @@ The wiring is not part of the model's data: a ``copy.deepcopy`` or a pickle of a
 model is a plain model (inert hooks), and the Parameters carry no reference to the
 optimizer, so ``torch.save(model)`` works.
 
+The wiring never keeps its optimizer alive: the hooks hold it weakly, and when it is
+garbage-collected its wiring is removed (hooks and all), so the model trains with ``W``
+again under any other optimizer. :func:`detach` removes the wiring of a model by hand; a
+second optimizer cannot wire, or take as DPS parameters, parameters still wired to a live
+optimizer (it is told to ``detach`` first).
+
 Under ``torch.compile`` Dynamo traces these hooks into the model's graph; ``W~`` then comes
 from one opaque op per weight whose arguments are the weight and a fixed int
 (``mix_op.py``, ``docs/compile.md``), so the graph has no break and is not recompiled at
@@ -62,27 +68,71 @@ def mixed_weight(optimizer, param: torch.Tensor) -> torch.Tensor:
 _OWNERS = WeakIdKeyDictionary()
 
 
+def wired_to(param):
+    """The live optimizer ``param`` is wired to, or None."""
+    owner = _OWNERS.get(param)
+    return None if owner is None else owner()
+
+
 class MixHandle:
-    """Returned by :func:`attach`; ``remove()`` unwires the model."""
+    """Returned by :func:`attach`; ``remove()`` unwires the model (also done when the
+    optimizer is garbage-collected, and by :func:`detach`)."""
 
     def __init__(self, optimizer):
-        self.optimizer = optimizer
+        # Weak: a handle is held by the optimizer (``_wired``) and by the finalizer that
+        # removes the wiring when the optimizer dies; a strong reference would keep the
+        # optimizer (2-3x the model's memory) alive as long as the model.
+        self._optimizer = weakref.ref(optimizer)
         self.hooks = []
         self.params = []
         self.slots = []   # mix_op registry entries (what a compiled forward names)
+        self.parts = []   # the _MixSwap/_ShardedMix objects: made inert on removal
+
+    @property
+    def optimizer(self):
+        return self._optimizer()
 
     def remove(self) -> None:
-        self.optimizer._invalidate_plans()
+        optimizer = self._optimizer()
+        if optimizer is not None:
+            optimizer._invalidate_plans()
+            if optimizer._mixed_shards:   # FSDP2 shards still hold W~: W back first
+                optimizer._unmix_shards()
         for hook in self.hooks:
             hook.remove()
+        for part in self.parts:
+            part.go_inert()
         for param in self.params:
-            self.optimizer._wired.pop(id(param), None)
-            _OWNERS.pop(param, None)
+            if optimizer is not None:
+                optimizer._wired.pop(id(param), None)
+            if wired_to(param) in (optimizer, None):
+                _OWNERS.pop(param, None)
         for slot in self.slots:
             mix_op.release(slot)
         self.hooks.clear()
         self.params.clear()
         self.slots.clear()
+        self.parts.clear()
+
+
+def detach(model: nn.Module) -> int:
+    """Remove every DPS Mix wiring from ``model`` (whatever optimizer made it); returns the
+    number of parameters unwired. The model then trains with its own weights under any
+    optimizer; a Mix optimizer whose wiring was removed refuses to step until
+    :func:`attach` wires it again."""
+    handles = []
+    for module in model.modules():
+        for hook in list(module._forward_pre_hooks.values()):
+            part = getattr(hook, "__self__", None)
+            if isinstance(part, (_MixSwap, _ShardedMix)) and part.handle is not None:
+                handle = part.handle()
+                if handle is not None and handle not in handles:
+                    handles.append(handle)
+    count = 0
+    for handle in handles:
+        count += len(handle.params)
+        handle.remove()
+    return count
 
 
 def attach(model: nn.Module, optimizer) -> MixHandle:
@@ -107,6 +157,13 @@ def attach(model: nn.Module, optimizer) -> MixHandle:
     if not candidates:
         raise ValueError("attach(): no parameter of this model is a Mix DPS parameter of the "
                          "optimizer (was the optimizer built from this model's parameters?)")
+    for module, name in candidates:   # every check before any hook
+        owner = wired_to(module._parameters[name])
+        if owner is not None and owner is not optimizer:
+            raise RuntimeError(
+                f"parameter {name!r} of {type(module).__name__} is already wired to another "
+                f"live DPSAdamW (one optimizer per parameter): call "
+                f"dps_kernels.detach(model) first, or delete that optimizer")
     handle = MixHandle(optimizer)
     by_module: dict[nn.Module, list[str]] = {}
     sharded = []
@@ -114,10 +171,6 @@ def attach(model: nn.Module, optimizer) -> MixHandle:
         param = module._parameters[name]
         if id(param) in optimizer._wired:
             continue  # attach() called twice: keep the first wiring
-        owner = _OWNERS.get(param)
-        if owner is not None and owner() is not None and owner() is not optimizer:
-            raise RuntimeError(f"parameter {name!r} of {type(module).__name__} is already "
-                               f"wired to another DPSAdamW; one optimizer per parameter")
         if is_sharded(param):
             sharded.append(param)
         else:
@@ -128,8 +181,10 @@ def attach(model: nn.Module, optimizer) -> MixHandle:
         # all-gather, i.e. in a pre-hook prepended to the model's own, so every all-gather
         # (forward, recomputation, backward) sees W~; step() puts W back and masks the
         # gradient (docs/distributed.md).
-        root = _ShardedMix(optimizer, sharded)
+        root = _ShardedMix(optimizer, sharded, handle)
+        handle.parts.append(root)
         handle.hooks.append(model.register_forward_pre_hook(root.pre_forward, prepend=True))
+        handle.hooks.append(model.register_forward_hook(root.post_forward, always_call=True))
         for param in sharded:
             _OWNERS[param] = weakref.ref(optimizer)
             optimizer._wired[id(param)] = handle
@@ -139,10 +194,11 @@ def attach(model: nn.Module, optimizer) -> MixHandle:
         # by this optimizer goes inert, so only the new one swaps
         for hook in list(module._forward_pre_hooks.values()):
             old = getattr(hook, "__self__", None)
-            if isinstance(old, _MixSwap) and old.optimizer is optimizer:
-                old.optimizer, old.params = None, {}
+            if isinstance(old, _MixSwap) and old.optimizer() is optimizer:
+                old.go_inert()
     for module, names in by_module.items():
-        swap = _MixSwap(optimizer, {name: module._parameters[name] for name in names})
+        swap = _MixSwap(optimizer, {name: module._parameters[name] for name in names}, handle)
+        handle.parts.append(swap)
         handle.hooks += [module.register_forward_pre_hook(swap.swap_in),
                          module.register_forward_hook(swap.swap_out, always_call=True)]
         handle.slots += swap.slots.values()
@@ -150,24 +206,95 @@ def attach(model: nn.Module, optimizer) -> MixHandle:
             _OWNERS[param] = weakref.ref(optimizer)
             optimizer._wired[id(param)] = handle
             handle.params.append(param)
+    # The optimizer's death removes its wiring (the handle holds it weakly, see MixHandle).
+    weakref.finalize(optimizer, handle.remove)
     return handle
 
 
-class _ShardedMix:
-    """The model-level pre-hook of FSDP2-sharded Mix parameters (see ``attach``)."""
+def _dead():
+    return None
 
-    def __init__(self, optimizer=None, params=()):
-        self.optimizer = optimizer   # None: inert (a copy or a pickle of the model)
+
+def _grad_tensors(output) -> list:
+    """The tensors of a module's output (any nesting of sequences, dicts and dataclass-like
+    ``ModelOutput``s) that the backward will reach."""
+    from torch.utils._pytree import tree_leaves
+
+    if hasattr(output, "to_tuple") and not isinstance(output, (tuple, list, dict)):
+        output = output.to_tuple()   # transformers' ModelOutput
+    return [t for t in tree_leaves(output) if torch.is_tensor(t) and t.requires_grad]
+
+
+class _ShardedMix:
+    """The model-level hooks of FSDP2-sharded Mix parameters (see ``attach``).
+
+    A training forward mixes the local shards in place (``W~``) before FSDP2's
+    all-gathers. FSDP2 reduce-scatters the gradient of ``W~`` into each shard's ``.grad``,
+    which Mix needs as ``g * M``: the end of the backward (a callback queued once the
+    gradient reaches the model's output, and queued again from there so that it runs after
+    FSDP2's own end-of-backward callback, which finishes the reduce-scatters) masks those
+    gradients and puts ``W`` back. So whatever reads ``.grad`` between ``backward()`` and
+    ``step()`` (``clip_grad_norm_``, a metric, a callback) sees the single-process gradient,
+    and an eval forward then simply uses ``W``. An eval forward between a training forward
+    and its backward uses ``W`` and puts ``W~`` back after itself. ``M`` is 0/1, so
+    masking twice (gradient accumulation, or ``step()``'s own pass for a forward without a
+    backward) changes nothing.
+    """
+
+    def __init__(self, optimizer=None, params=(), handle=None):
+        # weak references (see MixHandle); an inert one (a copy or a pickle of the model,
+        # or removed wiring) has none
+        self.optimizer = weakref.ref(optimizer) if optimizer is not None else _dead
+        self.handle = weakref.ref(handle) if handle is not None else None
         self.params = list(params)
+        self.remix_after_eval = False
+        self.queued = False
+
+    def go_inert(self) -> None:
+        self.optimizer, self.params = _dead, []
 
     def pre_forward(self, module, args):
-        if self.optimizer is None:
+        optimizer = self.optimizer()
+        if optimizer is None or not self.params:
             return None
         if module.training:
-            self.optimizer._mix_shards(self.params)
-        else:
-            self.optimizer._unmix_shards()   # eval uses W
+            optimizer._mix_shards(self.params)
+        elif optimizer._mixed_shards:   # eval uses W; a pending backward gets W~ back after
+            optimizer._unmix_shards()
+            self.remix_after_eval = True
         return None
+
+    def post_forward(self, module, args, output):
+        optimizer = self.optimizer()
+        if optimizer is None or not self.params:
+            return None
+        if not module.training:
+            if self.remix_after_eval:
+                self.remix_after_eval = False
+                optimizer._mix_shards(self.params)
+            return None
+        if torch.is_grad_enabled():
+            for tensor in _grad_tensors(output):
+                tensor.register_hook(self._on_output_grad)
+        return None
+
+    def _on_output_grad(self, grad):
+        if not self.queued:
+            self.queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._after_fsdp)
+        return None
+
+    def _after_fsdp(self):
+        # FSDP2 queues its final callback at its first pre-backward hook, which may come
+        # after ours (wiring attached before fully_shard): queueing again from inside the
+        # callback loop runs last.
+        torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+
+    def _end_of_backward(self):
+        self.queued = False
+        optimizer = self.optimizer()
+        if optimizer is not None and optimizer._mixed_shards:
+            optimizer._unmix_shards(mask_grads=True)
 
     def __deepcopy__(self, memo):
         return _ShardedMix()
@@ -185,13 +312,18 @@ class _MixSwap:
     copy's forward with the original optimizer's state.
     """
 
-    def __init__(self, optimizer=None, params=None):
-        self.optimizer = optimizer   # None: inert
+    def __init__(self, optimizer=None, params=None, handle=None):
+        # weak references (see MixHandle); inert (no params) without an optimizer
+        self.optimizer = weakref.ref(optimizer) if optimizer is not None else _dead
+        self.handle = weakref.ref(handle) if handle is not None else None
         self.params = params or {}
         # name -> mix_op slot of (optimizer, param): what a compiled forward passes the op
         self.slots = {name: mix_op.register(optimizer, param)
                       for name, param in self.params.items()} if optimizer else {}
         self.depth = 0               # nested calls of the same module keep the outermost swap
+
+    def go_inert(self) -> None:
+        self.optimizer, self.params = _dead, {}
 
     def swap_in(self, mod, args):
         if torch.compiler.is_compiling():
@@ -205,14 +337,17 @@ class _MixSwap:
 
     def _swap_in(self, mod):
         self.depth += 1
-        if self.optimizer is None or self.depth > 1 or not mod.training:
+        if not self.params or self.depth > 1 or not mod.training:
             return None
         compiling = torch.compiler.is_compiling()
+        optimizer = None if compiling else self.optimizer()
+        if not compiling and optimizer is None:
+            return None   # the optimizer is gone (its finalizer is removing this wiring)
         for name, param in self.params.items():
             if mod._parameters.get(name) is not param:
                 continue   # an engine replaced the parameter: attach() again wires the new one
             mod._parameters[name] = (mix_op.mixed_weight(param, self.slots[name]) if compiling
-                                     else mixed_weight(self.optimizer, param))
+                                     else mixed_weight(optimizer, param))
         return None
 
     def _swap_out(self, mod):

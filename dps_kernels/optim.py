@@ -44,7 +44,7 @@ from .group_plan import GroupPlan, mix_factor_table
 from .mask_bits import num_words, unpack_mask
 from .mask_hash import (column_keep_mask, columns_of, element_keep_mask, key_base,
                         keep_threshold, keep_threshold_of_fraction, step_key)
-from .mix import WIRED_MODES, attach
+from .mix import WIRED_MODES, attach, wired_to
 from .modes import (CHILD_MODES, CYCLIC_MODES, DEFAULT_P, DEFAULT_RESERVE_P,  # noqa: F401
                     MODES, check_number, mode_fractions)
 from .model_groups import build_param_groups
@@ -262,6 +262,14 @@ class DPSAdamW(torch.optim.Optimizer):
                 raise TypeError(f"{where} is complex ({param.dtype}); DPSAdamW supports real "
                                 f"parameters only")
             refuse_flat(param, where)
+            owner = wired_to(param)
+            if owner is not None and owner is not self:
+                # its module's forward would still mix it with that optimizer's state:
+                # this optimizer would train through a W~ that never changes
+                raise ValueError(
+                    f"{where} is wired to the Mix forward of another live DPSAdamW "
+                    f"(mode={owner.mode!r}); call dps_kernels.detach(model) first, or "
+                    f"delete that optimizer")
             if group["dps"] and is_sharded(param):
                 try:
                     shard_group(param)
@@ -270,6 +278,14 @@ class DPSAdamW(torch.optim.Optimizer):
                 if self.capturable:
                     raise ValueError(f"capturable=True does not support sharded (FSDP2) "
                                      f"parameters yet; DPS {where} is a DTensor")
+                if self.mode in WIRED_MODES and param.dim() < 2:
+                    # the Mix kernels hash a shard's columns by their local index; a 1-D
+                    # tensor's columns are its elements, which Shard(0) splits
+                    raise ValueError(
+                        f"mode={self.mode!r} under FSDP2 needs DPS parameters of 2 or more "
+                        f"dimensions (a Shard(0) shard holds whole columns only then); DPS "
+                        f"{where} is a sharded {param.dim()}-D tensor: put it in a group with "
+                        f"'dps': False (from_model's default targets do), or leave it unsharded")
             if param.numel() > MAX_TENSOR_ELEMENTS:
                 raise ValueError(f"{where} has {param.numel()} elements, more than the fused "
                                  f"kernels' limit of {MAX_TENSOR_ELEMENTS}; split it, or put "
@@ -325,6 +341,9 @@ class DPSAdamW(torch.optim.Optimizer):
                 state["column_factor"] = torch.ones(cols, dtype=torch.float32,
                                                     device=param.device)
                 state["anchor"] = param.detach().clone(memory_format=torch.contiguous_format)
+                # which layout (checkpoint.ANCHOR_IN_GAM): a checkpoint must say, since
+                # torch.distributed.checkpoint's helpers mix its keys with the loader's
+                state[checkpoint.ANCHOR_IN_GAM] = int(checkpoint.keeps_anchor_in_gam(self, param))
                 if self.capturable or is_sharded(param):
                     state["stage_anchor"] = state["anchor"].clone()
                 # Host-scheduled: no W' buffer. GAM is dead in Stage II (the subnetwork is

@@ -7,6 +7,7 @@ every DPS weight at each Stage II and the full weights after every step.
 """
 from __future__ import annotations
 
+import copy
 import os
 import sys
 
@@ -282,4 +283,150 @@ def run_fsdp1(rank, world, port, out_path):
         dist.destroy_process_group()
     if rank == 0:
         torch.save(errors, out_path)
+    exit_without_teardown()
+
+
+# ---------------------------------------------------------------- seams (test_distributed_seams)
+CLIP = 0.05   # below every step's gradient norm here (0.2-0.9): clipping acts at every step
+
+
+def train_seam(model, opt, variant, rank=0, world=1, full=lambda t: t, steps=range(1, STEPS + 1)):
+    """``train`` with what a Trainer does between ``backward()`` and ``step()``:
+    ``variant="clip"`` reads every gradient (``clip_grad_norm_`` at CLIP) and ``"eval"``
+    runs an eval-mode forward (a metric) first. Also records each step's gradients as
+    ``backward()`` left them (before any clipping): what a user sees."""
+    dps = [p for g in opt.param_groups if g["dps"] for p in g["params"]]
+    out = {"masks": {}, "weights": [], "grads": [], "norms": []}
+    per = GLOBAL_BATCH // world
+    for t in steps:
+        x, y = batch(t)
+        x, y = x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
+        opt.zero_grad()
+        loss_of(model, (x, y)).backward()
+        out["grads"].append([full(p.grad).clone() for p in model.parameters()])
+        if variant == "eval":
+            model.eval()
+            with torch.no_grad():
+                model(x)
+            model.train()
+        out["norms"].append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)))
+        opt.step()
+        masks = [opt.subnetwork(p) for p in dps]
+        if masks[0] is not None:
+            out["masks"][t] = [full(m).clone() for m in masks]
+        out["weights"].append([full(p.detach()).clone() for p in model.parameters()])
+    return out
+
+
+def build_seam(model, mode, backend):
+    from dps_kernels import DPSAdamW
+    stages = {"update_steps": US} if mode in ("dense", "mix") else {}
+    return DPSAdamW.from_model(model, mode=mode, p=0.4, lr=1e-2, weight_decay=0.01,
+                               backend=backend, seed=3, **stages)
+
+
+def run_seams(rank, world, port, out_path, combos):
+    """``combos``: ``(backend, mode, variant)``; FSDP2 per Linear and at the root."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    results = {}
+    try:
+        for backend, mode, variant in combos:
+            model = shard(make_model())
+            opt = build_seam(model, mode, backend)
+            results[(backend, mode, variant)] = train_seam(
+                model, opt, variant, rank, world, full=lambda t: t.full_tensor())
+    finally:
+        if rank == 0:
+            torch.save(results, out_path)
+        dist.destroy_process_group()
+    exit_without_teardown()
+
+
+class NormedModel(nn.Module):
+    """make_model with a LayerNorm: a 1-D weight for targets=[nn.Linear, nn.LayerNorm]."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.norm, self.out = nn.Linear(13, 29), nn.LayerNorm(29), nn.Linear(29, 2)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.norm(self.inp(x))))
+
+
+def run_refusals(rank, world, port, out_path):
+    """Mix and Mixout under FSDP2 with a sharded 1-D DPS parameter: refused when built (or
+    trained, were it made to work): every rank records what happened."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from torch.distributed.fsdp import fully_shard
+
+    from dps_kernels import DPSAdamW
+    errors = {}
+    try:
+        for mode in ("mix", "mixout"):
+            model = NormedModel()
+            for module in (model.inp, model.norm, model.out, model):
+                fully_shard(module)
+            stages = {"update_steps": US} if mode == "mix" else {}
+            try:
+                opt = DPSAdamW.from_model(model, targets=[nn.Linear, nn.LayerNorm], mode=mode,
+                                          p=0.4, backend="torch", **stages)
+                x, y = batch(1)
+                ((model(x) - y) ** 2).mean().backward()
+                opt.step()
+                errors[mode] = None
+            except ValueError as error:
+                errors[mode] = str(error)
+    finally:
+        dist.destroy_process_group()
+    torch.save(errors, f"{out_path}.rank{rank}")
+    exit_without_teardown()
+
+
+def run_full_state_dicts(rank, world, port, out_path, mode, host_state_path):
+    """Full (unsharded) optimizer state dicts across the FSDP2 / one-process line, through
+    torch's DCP helpers: (a) train sharded to SAVE_AFTER, rank 0 keeps
+    ``get_optimizer_state_dict(full_state_dict=True)`` and the model's full state, then the
+    sharded run goes on (the straight continuation); (b) a one-process state saved by the
+    test (``host_state_path``) is loaded into a fresh sharded model with
+    ``set_optimizer_state_dict`` and trained on, or refused: every rank records which."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                         get_model_state_dict,
+                                                         get_optimizer_state_dict,
+                                                         set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    full_sd = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    full = lambda t: t.full_tensor()  # noqa: E731
+    out = {}
+    try:
+        model = shard(make_model())
+        opt = build_seam(model, mode, "torch")
+        train(model, opt, rank, world, full, steps=range(1, SAVE_AFTER + 1))
+        # a copy: the gathered dict still shares the plain (unsharded) state tensors, such
+        # as the thresholds, with the optimizer, which the next selection rewrites in place
+        saved = copy.deepcopy({"model": get_model_state_dict(model, options=full_sd),
+                               "optim": get_optimizer_state_dict(model, opt, options=full_sd)})
+        out["straight"] = train(model, opt, rank, world, full,
+                                steps=range(SAVE_AFTER + 1, STEPS + 1))
+        out["saved"] = saved
+        host = torch.load(host_state_path, weights_only=False)
+        model = shard(make_model())
+        opt = build_seam(model, mode, "torch")
+        set_model_state_dict(model, host["model"], options=full_sd)
+        try:
+            set_optimizer_state_dict(model, opt, host["optim"], options=full_sd)
+            out["from_host"] = train(model, opt, rank, world, full,
+                                     steps=range(SAVE_AFTER + 1, STEPS + 1))
+        except ValueError as error:
+            out["from_host"] = str(error)
+    finally:
+        dist.destroy_process_group()
+    torch.save(out if rank == 0 else {"from_host": out.get("from_host")},
+               f"{out_path}.rank{rank}")
     exit_without_teardown()

@@ -123,11 +123,13 @@ def test_attach_errors():
         attach(model, dense)
     with pytest.raises(ValueError, match="needs a DPSAdamW"):
         attach(model, torch.optim.AdamW(model.parameters()))
+    second = DPSAdamW(model.parameters(), mode="mix", update_steps=2)   # before any wiring
     opt = mix_opt(model)
     with pytest.raises(ValueError, match="no parameter of this model"):
         attach(make(torch.float32), opt)
-    with pytest.raises(RuntimeError, match="already wired to another DPSAdamW"):
-        attach(model, DPSAdamW(model.parameters(), mode="mix", update_steps=2))
+    with pytest.raises(RuntimeError, match=r"already wired to another live DPSAdamW.*"
+                                           r"dps_kernels\.detach\(model\)"):
+        attach(model, second)
 
 
 def test_remove_unwires():
