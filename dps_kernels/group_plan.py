@@ -19,6 +19,7 @@ the device) and the :class:`~ops.triton.radix_select.CapturableSelection` of the
 """
 from __future__ import annotations
 
+import operator
 from typing import Optional
 
 import torch
@@ -27,6 +28,8 @@ from . import reference as ref
 from .distributed import is_sharded, local
 from .mask_hash import columns_of, key_base
 from .step_types import TensorEntry
+
+_LAYOUT = operator.attrgetter("layout")
 
 
 class BackendPart:
@@ -55,17 +58,41 @@ class GroupPlan:
         steps = {self._host_step(s) for s in self.states}
         self.t: Optional[int] = steps.pop() if len(steps) == 1 else None
         self.parts: list[BackendPart] = []
-        by_backend: dict[int, BackendPart] = {}
+        # one part per (backend, device, dtype), as torch's optimizers bucket their tensors:
+        # a backend's group step takes tensors of one device and dtype
+        by_kind: dict[tuple, BackendPart] = {}
         for i, (param, state) in enumerate(zip(self.params, self.states)):
             backend = optimizer._backend_for(param)
-            part = by_backend.get(id(backend))
+            kind = (id(backend), param.device, param.dtype)
+            part = by_kind.get(kind)
             if part is None:
-                part = by_backend[id(backend)] = BackendPart(backend)
+                part = by_kind[kind] = BackendPart(backend)
                 self.parts.append(part)
             part.indices.append(i)
             part.entries.append(_entry(optimizer, param, state, group))
         self.hyper: Optional[torch.Tensor] = None
         self.hyper_values = None
+        # The gradients the plan last took. The same objects again (autograd accumulates
+        # into .grad in place) need no look; new ones must be laid out like the parameters
+        # (``takes``), else the step goes to the general path, whose checks and copies are
+        # the first step's. Nothing else a step checks can change while a plan lives
+        # (wiring and CHILD-TUNING_D's network drop or precede the plans).
+        self.taken_grads: list = []
+        self.layouts = [torch.strided] * len(self.params)
+
+    def takes(self, grads: list) -> bool:
+        """Whether the plan can step these gradients as the first step's checks would:
+        the tensors it took before, or new ones that are dense (not sparse) and
+        contiguous. (torch itself refuses a ``.grad`` of another dtype or shape than its
+        parameter.) Vectorized over the group: no Python loop."""
+        if len(grads) == len(self.taken_grads) and all(map(operator.is_, grads,
+                                                           self.taken_grads)):
+            return True
+        ok = (list(map(_LAYOUT, grads)) == self.layouts
+              and all(map(torch.Tensor.is_contiguous, grads)))
+        if ok:
+            self.taken_grads = grads
+        return ok
 
     def _host_step(self, state) -> Optional[int]:
         step = state["step"]

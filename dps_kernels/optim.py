@@ -421,6 +421,11 @@ class DPSAdamW(torch.optim.Optimizer):
     # ------------------------------------------------------------------ the step
     def _check_grad(self, param, group):
         grad = param.grad
+        wired = self.mode not in WIRED_MODES or not group["dps"] or id(param) in self._wired
+        has_network = (self.mode != "childtuning_d" or not group["dps"]
+                       or "threshold" in self.state.get(param, ()))
+        if not grad.is_sparse and not grad.is_complex() and wired and has_network:
+            return   # the usual case, every step: no message built
         where = f"parameter #{self._param_index[id(param)]} (shape {tuple(param.shape)})"
         if grad.is_sparse:
             raise RuntimeError(f"DPSAdamW does not support sparse gradients ({where})")
@@ -507,7 +512,9 @@ class DPSAdamW(torch.optim.Optimizer):
         if plan is not None and (plan.t is not None or plan.capturable):
             grads = list(map(_GRAD, plan.params))
             if not any(map(operator.is_, grads, itertools.repeat(None))):
-                return plan, (list(map(local, grads)) if plan.sharded else grads)
+                local_grads = list(map(local, grads)) if plan.sharded else grads
+                if plan.takes(local_grads):   # else: the general path's checks, as at step 1
+                    return plan, local_grads
         self._check_general(group)
         return None, None
 
