@@ -47,7 +47,7 @@ from .mask_hash import (column_keep_mask, columns_of, element_keep_mask, key_bas
 from .mix import WIRED_MODES, attach, wired_to
 from .modes import (CHILD_MODES, CYCLIC_MODES, DEFAULT_P, DEFAULT_RESERVE_P,  # noqa: F401
                     MODES, check_number, mode_fractions)
-from .model_groups import build_param_groups
+from .model_groups import build_param_groups, dps_parameters, refuse_unwired_mix_targets
 from .schedule import (STAGE_ONE, STAGE_TWO, is_last_of_stage_one, is_stage_start,
                        resolve_update_steps, selected_count, stage_of)
 from .step_types import MAX_TENSOR_ELEMENTS, GroupStep, MixMask, StepKind, TensorStep
@@ -161,6 +161,11 @@ class DPSAdamW(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, p=p,
                         freeze=freeze, dps=True, capturable=capturable)
         super().__init__(params, defaults)
+        if not any(g["dps"] for g in self.param_groups):
+            warnings.warn(f"dps_kernels: DPSAdamW(mode={mode!r}) has no DPS parameter (every "
+                          f"param group has 'dps': False), so it trains as plain AdamW; give "
+                          f"the weights to select from in a group without 'dps': False, or "
+                          f"use DPSAdamW.from_model(model, targets=...)", stacklevel=2)
         if not fp32_moments and any(p.dtype == torch.float16 for g in self.param_groups
                                     for p in g["params"]):
             warnings.warn("dps_kernels: fp16 parameters keep fp16 moments, whose exp_avg_sq "
@@ -717,9 +722,18 @@ class DPSAdamW(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ introspection
     def stage(self, param=None) -> int:
-        """Stage (1 or 2) of the next step of ``param`` (default: the first parameter)."""
+        """Stage (1 or 2) of the next step of DPS parameter ``param`` (default: the first
+        one). An optimizer without DPS parameters has no stages: that is an error, not a
+        stage 1 forever."""
         if param is None:
-            param = self.param_groups[0]["params"][0]
+            dps = [p for group in self.param_groups if group["dps"] for p in group["params"]]
+            if not dps:
+                raise ValueError("stage(): this optimizer has no DPS parameter (every group "
+                                 "has 'dps': False), so it trains as plain AdamW, without "
+                                 "stages")
+            param = dps[0]
+        elif not self._group_of(param)["dps"]:
+            raise ValueError("stage() needs a DPS parameter (its group has 'dps': False)")
         return self._stage(_steps_taken(self.state.get(param, {})) + 1)
 
     def stage_one_mask(self, param, step: int) -> torch.Tensor:
@@ -825,7 +839,11 @@ class DPSAdamW(torch.optim.Optimizer):
         """Build the optimizer for ``model``: DPS on the targeted weights, HF-style decay groups.
 
         ``targets``: module types whose ``weight`` is DPS and/or ``fnmatch`` patterns on full
-        parameter names (default: every ``nn.Linear`` weight). ``no_decay``: ``fnmatch``
+        parameter names (default: the weight of every ``nn.Linear`` and transformers
+        ``Conv1D``, and ``nn.MultiheadAttention``'s input projections). Selected by
+        identity: a tied weight is DPS once. A model with nothing to select is refused,
+        naming its layer types; Mix/Mixout refuse ``Conv1D`` and tied DPS weights (reason
+        in the error). ``no_decay``: ``fnmatch``
         patterns of parameters without weight decay (default: biases and norm-layer weights).
         In ``mode="mix"`` and ``mode="mixout"`` the model is wired (:func:`dps_kernels.attach`).
         """
@@ -833,6 +851,8 @@ class DPSAdamW(torch.optim.Optimizer):
             refuse_flat(param, f"parameter {name!r} (shape {tuple(param.shape)})")
         groups = build_param_groups(model, targets=targets, no_decay=no_decay,
                                     weight_decay=weight_decay)
+        if kwargs.get("mode", "dense") in WIRED_MODES:
+            refuse_unwired_mix_targets(model, dps_parameters(model, targets), kwargs["mode"])
         optimizer = cls(groups, **kwargs)
         if optimizer.mode in WIRED_MODES:
             attach(model, optimizer)

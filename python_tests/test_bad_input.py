@@ -90,5 +90,5 @@ def test_introspection_errors():
 def test_from_model_bad_targets():
     with pytest.raises(TypeError, match="targets must hold nn.Module subclasses or fnmatch"):
         DPSAdamW.from_model(make(torch.float32), targets=[3], update_steps=2)
-    with pytest.raises(ValueError, match="selects no trainable parameter"):
+    with pytest.raises(ValueError, match="select no trainable parameter"):
         DPSAdamW.from_model(make(torch.float32), targets=["nothing.*"], update_steps=2)

@@ -52,7 +52,7 @@ from torch import nn
 
 from ..child_tuning import child_tuning_fisher
 from ..mix import WIRED_MODES, attach
-from ..model_groups import dps_parameter_names
+from ..model_groups import dps_parameters, no_dps_target_message, refuse_unwired_mix_targets
 from ..optim import CYCLIC_MODES, MODES, DPSAdamW
 
 __all__ = ["DPSConfig", "DPSTrainer", "create_dps_optimizer", "unwrap_dps_optimizer",
@@ -93,7 +93,8 @@ class DPSConfig:
         seed: seed of the Mix Stage I masks; default ``TrainingArguments.seed``.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cpu"``.
         targets: which weights are DPS: ``nn.Module`` subclasses (their ``weight``) and/or
-            ``fnmatch`` patterns on full parameter names; default every ``nn.Linear`` weight.
+            ``fnmatch`` patterns on full parameter names; default as ``DPSAdamW.from_model``
+            (``nn.Linear``, transformers ``Conv1D``, ``nn.MultiheadAttention`` projections).
     """
 
     mode: str = "dense"
@@ -171,14 +172,16 @@ def _build(model: nn.Module, args: TrainingArguments, num_training_steps: Option
             f"DPS needs the number of optimizer steps to size its stages from update_ratio="
             f"{stage['update_ratio']}, got num_training_steps={num_training_steps!r}; pass "
             "update_steps instead, or build the optimizer inside Trainer.train()")
-    dps_names = dps_parameter_names(model, config.targets)
-    if not dps_names:
-        raise ValueError(f"targets={config.targets!r} selects no trainable parameter of the model")
+    dps_ids = dps_parameters(model, config.targets)   # by identity: tied weights once
+    if not dps_ids:
+        raise ValueError(no_dps_target_message(model, config.targets))
+    if config.mode in WIRED_MODES:
+        refuse_unwired_mix_targets(model, dps_ids, config.mode)
     decay_names = set(decay_names)
     buckets: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():  # tied weights appear once
         if param.requires_grad:
-            buckets.setdefault((name in dps_names, name in decay_names), []).append(param)
+            buckets.setdefault((id(param) in dps_ids, name in decay_names), []).append(param)
     groups = [{"params": buckets[key], "dps": key[0],
                "weight_decay": args.weight_decay if key[1] else 0.0}
               for key in ((True, True), (True, False), (False, True), (False, False))
@@ -195,7 +198,7 @@ def _build(model: nn.Module, args: TrainingArguments, num_training_steps: Option
     n_all = sum(p.numel() for g in groups for p in g["params"])
     logger.info("DPSAdamW(mode=%s, p=%s, update_steps=%s, total_steps=%s): %d DPS tensors, "
                 "%.1f%% of %d trainable elements", config.mode, config.p, optimizer.update_steps,
-                num_training_steps, len(dps_names), 100.0 * n_dps / max(n_all, 1), n_all)
+                num_training_steps, len(dps_ids), 100.0 * n_dps / max(n_all, 1), n_all)
     return optimizer
 
 
