@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 US = 2
+CLIP = 0.05          # below every step's gradient norm (0.2-0.9): clipping acts at every step
 STEPS = 9            # Stage I, II, I, II, I: two selections
 GLOBAL_BATCH = 12    # divisible by 2 and 3
 
@@ -78,22 +79,45 @@ def build(model, mode, backend, rank=0, world=1, placeholder=False):
     return opt
 
 
-def train(model, opt, rank=0, world=1, full=lambda t: t, steps=range(1, STEPS + 1)):
-    """Returns {"masks": {step: [mask per DPS weight]}, "weights": [[param per step]]}."""
+def train(model, opt, rank=0, world=1, full=lambda t: t, steps=range(1, STEPS + 1),
+          variant=None):
+    """Returns {"masks": {step: [mask per DPS weight]}, "weights": [[param per step]]}.
+
+    ``variant``: what a Trainer does between ``backward()`` and ``step()``: ``"clip"``
+    reads every gradient (``clip_grad_norm_`` at CLIP), ``"eval"`` runs an eval-mode
+    forward (a metric) and then clips. With a variant the record also holds each step's
+    gradients as ``backward()`` left them (what a user sees) and the clipped norms."""
     dps = [p for g in opt.param_groups if g["dps"] for p in g["params"]]
     out = {"masks": {}, "weights": []}
+    if variant is not None:
+        out.update(grads=[], norms=[])
     per = GLOBAL_BATCH // world
     for t in steps:
         x, y = batch(t)
         x, y = x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
         opt.zero_grad()
         loss_of(model, (x, y)).backward()
+        if variant is not None:
+            out["grads"].append([full(p.grad).clone() for p in model.parameters()])
+            if variant == "eval":
+                model.eval()
+                with torch.no_grad():
+                    model(x)
+                model.train()
+            out["norms"].append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)))
         opt.step()
         masks = [opt.subnetwork(p) for p in dps]
         if masks[0] is not None:
             out["masks"][t] = [full(m).clone() for m in masks]
         out["weights"].append([full(p.detach()).clone() for p in model.parameters()])
     return out
+
+
+def join_group(rank, world, port):
+    """This spawned process joins the gloo group on 127.0.0.1 (one thread: 2 cores here)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
 
 
 def run(rank, world, port, out_path, combos):
@@ -287,37 +311,6 @@ def run_fsdp1(rank, world, port, out_path):
 
 
 # ---------------------------------------------------------------- seams (test_distributed_seams)
-CLIP = 0.05   # below every step's gradient norm here (0.2-0.9): clipping acts at every step
-
-
-def train_seam(model, opt, variant, rank=0, world=1, full=lambda t: t, steps=range(1, STEPS + 1)):
-    """``train`` with what a Trainer does between ``backward()`` and ``step()``:
-    ``variant="clip"`` reads every gradient (``clip_grad_norm_`` at CLIP) and ``"eval"``
-    runs an eval-mode forward (a metric) first. Also records each step's gradients as
-    ``backward()`` left them (before any clipping): what a user sees."""
-    dps = [p for g in opt.param_groups if g["dps"] for p in g["params"]]
-    out = {"masks": {}, "weights": [], "grads": [], "norms": []}
-    per = GLOBAL_BATCH // world
-    for t in steps:
-        x, y = batch(t)
-        x, y = x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
-        opt.zero_grad()
-        loss_of(model, (x, y)).backward()
-        out["grads"].append([full(p.grad).clone() for p in model.parameters()])
-        if variant == "eval":
-            model.eval()
-            with torch.no_grad():
-                model(x)
-            model.train()
-        out["norms"].append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)))
-        opt.step()
-        masks = [opt.subnetwork(p) for p in dps]
-        if masks[0] is not None:
-            out["masks"][t] = [full(m).clone() for m in masks]
-        out["weights"].append([full(p.detach()).clone() for p in model.parameters()])
-    return out
-
-
 def build_seam(model, mode, backend):
     from dps_kernels import DPSAdamW
     stages = {"update_steps": US} if mode in ("dense", "mix") else {}
@@ -327,16 +320,14 @@ def build_seam(model, mode, backend):
 
 def run_seams(rank, world, port, out_path, combos):
     """``combos``: ``(backend, mode, variant)``; FSDP2 per Linear and at the root."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
+    join_group(rank, world, port)
     results = {}
     try:
         for backend, mode, variant in combos:
             model = shard(make_model())
             opt = build_seam(model, mode, backend)
-            results[(backend, mode, variant)] = train_seam(
-                model, opt, variant, rank, world, full=lambda t: t.full_tensor())
+            results[(backend, mode, variant)] = train(
+                model, opt, rank, world, full=lambda t: t.full_tensor(), variant=variant)
     finally:
         if rank == 0:
             torch.save(results, out_path)
@@ -359,8 +350,7 @@ class NormedModel(nn.Module):
 def run_refusals(rank, world, port, out_path):
     """Mix and Mixout under FSDP2 with a sharded 1-D DPS parameter: refused when built (or
     trained, were it made to work): every rank records what happened."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    join_group(rank, world, port)
     from torch.distributed.fsdp import fully_shard
 
     from dps_kernels import DPSAdamW
@@ -393,9 +383,7 @@ def run_full_state_dicts(rank, world, port, out_path, mode, host_state_path):
     sharded run goes on (the straight continuation); (b) a one-process state saved by the
     test (``host_state_path``) is loaded into a fresh sharded model with
     ``set_optimizer_state_dict`` and trained on, or refused: every rank records which."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
+    join_group(rank, world, port)
     from torch.distributed.checkpoint.state_dict import (StateDictOptions,
                                                          get_model_state_dict,
                                                          get_optimizer_state_dict,

@@ -34,7 +34,7 @@ def spawn(target, world, *args):
 
 def single_process(backend, mode, variant):
     model = w.make_model()
-    return w.train_seam(model, w.build_seam(model, mode, backend), variant)
+    return w.train(model, w.build_seam(model, mode, backend), variant=variant)
 
 
 def assert_same_run(got, ref, what, masks_expected=True):
