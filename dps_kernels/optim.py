@@ -29,6 +29,7 @@ The paper's subnetwork baselines are modes on the same kernels (``docs/baselines
 """
 from __future__ import annotations
 
+import collections
 import itertools
 import operator
 import warnings
@@ -784,7 +785,15 @@ class DPSAdamW(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self):
-        return checkpoint.state_dict(self, super().state_dict())
+        """torch's ``state_dict`` plus the DPS entries (``checkpoint.state_dict``), added
+        before the user's post hooks run, so they see (and may replace) the whole state."""
+        user_hooks = self._optimizer_state_dict_post_hooks
+        self._optimizer_state_dict_post_hooks = collections.OrderedDict(
+            [("dps", checkpoint.state_dict), *user_hooks.items()])
+        try:
+            return super().state_dict()
+        finally:   # the same dict again: the users' hook handles still remove from it
+            self._optimizer_state_dict_post_hooks = user_hooks
 
     def load_state_dict(self, state_dict):
         """Load a state saved by :meth:`state_dict` (checks and conversions: ``checkpoint.py``).
@@ -804,8 +813,26 @@ class DPSAdamW(torch.optim.Optimizer):
         accepted and its ``p`` replaces the optimizer's: the saved thresholds and bits were
         chosen with it. They are checked like the constructor's arguments. ``capturable``
         stays the optimizer's.
+
+        The load hooks run as in torch, but around the whole DPS load: the pre hooks before
+        the checks (what they return is what is checked and loaded), the post hooks after
+        the DPS state is restored (and not after a refused load).
         """
-        checkpoint.load(self, state_dict, super().load_state_dict)
+        pre_hooks = self._optimizer_load_state_dict_pre_hooks
+        post_hooks = self._optimizer_load_state_dict_post_hooks
+        state_dict = state_dict.copy() if isinstance(state_dict, dict) else state_dict
+        for hook in pre_hooks.values():
+            result = hook(self, state_dict)
+            state_dict = state_dict if result is None else result
+        self._optimizer_load_state_dict_pre_hooks = collections.OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = collections.OrderedDict()
+        try:
+            checkpoint.load(self, state_dict, super().load_state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = pre_hooks
+            self._optimizer_load_state_dict_post_hooks = post_hooks
+        for hook in post_hooks.values():
+            hook(self)
 
     # ------------------------------------------------------------------ construction helper
     @classmethod
