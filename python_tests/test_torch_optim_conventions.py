@@ -11,10 +11,12 @@ kernels round it correctly, torch's vectorised CPU sqrt not always, docs/cpu_bac
 
 Backends: torch and cpu always, triton under ``TRITON_INTERPRET=1`` (skipped otherwise).
 """
+import ast
 import copy
 import inspect
 import re
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,6 +75,18 @@ def test_defaults_are_adamws():
     # from_model's decay groups get the same default
     assert (inspect.signature(DPSAdamW.from_model).parameters["weight_decay"].default
             == theirs["weight_decay"].default)
+
+
+def test_readme_options_give_the_signatures_defaults():
+    """The README's options block lists each keyword with its default, as the code has it."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme[readme.index("DPSAdamW(params, lr="):]
+    block = re.sub(r"#.*", "", block[:block.index("```")])   # the comments' own examples
+    listed = dict(re.findall(r"\b(\w+)=(\([^)]*\)|[^,\s)]+)", block))
+    signature = inspect.signature(DPSAdamW).parameters
+    assert set(listed) == set(signature) - {"params"}
+    for name, text in listed.items():
+        assert ast.literal_eval(text) == signature[name].default, name
 
 
 @pytest.mark.parametrize("kwargs", [
