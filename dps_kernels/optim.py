@@ -495,7 +495,8 @@ class DPSAdamW(torch.optim.Optimizer):
 
     def _route(self, index: int, group: dict):
         """``(plan, grads)`` when the group's cached plan can take this step, else
-        ``(None, None)`` once the general path's checks passed. Changes nothing."""
+        ``(None, None)`` once the general path's checks passed. Changes nothing (but may choose
+        a parameter's backend again, ``_recheck_backend``)."""
         plan = self._plans.get(index)
         if plan is not None and not plan.still_valid(group):
             plan = None

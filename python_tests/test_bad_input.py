@@ -25,7 +25,7 @@ def params():
     (dict(lr=-1.0), ValueError, r"Invalid learning rate: -1.0 \(lr must be .*\[0.0, inf\)"),
     (dict(eps=-1e-8), ValueError, r"Invalid epsilon value: -1e-08 \(eps must be"),
     (dict(weight_decay=-0.1), ValueError, r"Invalid weight_decay value: -0.1 \(weight_decay must"),
-    (dict(betas=(0.9, 1.0)), ValueError, r"Invalid beta parameter at index 1: 1.0 \(betas\[1\] must"),
+    (dict(betas=(0.9, 1.0)), ValueError, r"Invalid beta parameter at index 1: 1.0 \(betas\[1\]"),
     (dict(betas=(0.9,)), ValueError, r"betas must be a pair"),
     (dict(freeze="yes"), TypeError, r"freeze must be a bool, got 'yes'"),
     (dict(seed=-1), ValueError, r"seed must be an int in \[0, 2\*\*64\), got -1"),
