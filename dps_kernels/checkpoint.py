@@ -89,7 +89,10 @@ def state_dict(opt, torch_part: dict) -> dict:
     """``Optimizer.state_dict()`` plus the ``"dps"`` entry, and the settings once more in
     every param group (``GROUP_SETTINGS``): ``torch.distributed.checkpoint``'s
     ``get/set_optimizer_state_dict`` keep only ``state`` and ``param_groups``."""
-    torch_part["dps"] = {**config(opt), WITH_STATE: sorted(torch_part["state"])}
+    # torch keeps a key of optimizer.state that is not a parameter as it is (a str, say):
+    # only the parameters' ids (ints) are listed.
+    with_state = sorted(key for key in torch_part["state"] if isinstance(key, int))
+    torch_part["dps"] = {**config(opt), WITH_STATE: with_state}
     for group in torch_part["param_groups"]:
         group[GROUP_SETTINGS] = config(opt)
     return torch_part
@@ -193,7 +196,8 @@ def _check_groups(opt, torch_part: dict) -> list:
     listed = {saved_id for saved_id, _, _ in pairs}
     if len(listed) != len(pairs):
         raise ValueError("the state's param groups list a parameter id twice")
-    stray = [key for key in torch_part["state"] if key not in listed]
+    # a key that is not an id (torch's loader keeps it as it is) is not a parameter's
+    stray = [key for key in torch_part["state"] if isinstance(key, int) and key not in listed]
     if stray:
         raise ValueError(f"the state has an entry for parameter id {stray[0]!r}, which no "
                          f"param group of the state lists")

@@ -163,7 +163,7 @@ def no_decay_parameter_names(model: nn.Module, no_decay: Optional[Iterable[str]]
 
 
 def build_param_groups(model: nn.Module, *, targets=None, no_decay=None,
-                       weight_decay: float = 0.0) -> list[dict]:
+                       weight_decay: float = 1e-2) -> list[dict]:
     """Up to four groups: DPS / plain x decay / no decay, trainable parameters only."""
     dps_ids = dps_parameters(model, targets)
     if not dps_ids:

@@ -29,6 +29,7 @@ The paper's subnetwork baselines are modes on the same kernels (``docs/baselines
 """
 from __future__ import annotations
 
+import collections
 import itertools
 import operator
 import warnings
@@ -36,7 +37,7 @@ from typing import Optional
 
 import torch
 
-from . import checkpoint, selection
+from . import checkpoint, hyperparams, selection
 from .distributed import first_element, is_sharded, local, refuse_flat, shard_group
 from . import reference as ref
 from .backends import BACKEND_NAMES, auto_backend_name, get_backend, unavailable_reason
@@ -68,7 +69,12 @@ class DPSAdamW(torch.optim.Optimizer):
     Args:
         params: parameters or param groups. A group may carry ``"dps": False`` to get plain
             AdamW (default True), and its own ``lr``, ``betas``, ``eps``, ``weight_decay``,
-            ``p`` and ``freeze``.
+            ``p`` and ``freeze``; the other settings below are per optimizer, and a group
+            that sets one is refused.
+        lr, betas, eps, weight_decay: as ``torch.optim.AdamW``, defaults included
+            (``weight_decay=0.01``), checked as it checks them and before ``params``; ``lr``
+            may be a one-element tensor (kept, so schedulers update it in place), betas
+            one-element tensors (turned into floats).
         mode: ``"dense"`` (DPS Dense) or ``"mix"`` (DPS Mix; the model must be wired with
             :func:`dps_kernels.attach`, which :meth:`from_model` does), or one of the
             paper's subnetwork baselines on the same kernels (``docs/baselines.md``):
@@ -113,13 +119,19 @@ class DPSAdamW(torch.optim.Optimizer):
         # and the Trainer rely on to hold the LR schedule back on skipped steps).
         return self.capturable
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *,
                  mode="dense", p=None, total_steps=None, update_ratio=None, update_steps=None,
                  freeze=False, adamw_style="torch", seed=0, backend="auto", capturable=False,
                  fp32_moments=False, reserve_p=None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         p, reserve_p = mode_fractions(mode, p, reserve_p)
+        # Every hyperparameter is checked before params are looked at, as torch.optim.AdamW
+        # does (hyperparams.py): the error names the bad value, whatever params is.
+        defaults = dict(lr=lr, betas=hyperparams.scalar_betas(betas), eps=eps,
+                        weight_decay=weight_decay, p=p, freeze=freeze, dps=True,
+                        capturable=capturable)
+        self._check_group_values(defaults)
         if mode not in CYCLIC_MODES:
             given = {name: value for name, value in (("total_steps", total_steps),
                      ("update_ratio", update_ratio), ("update_steps", update_steps))
@@ -158,8 +170,6 @@ class DPSAdamW(torch.optim.Optimizer):
         self.seed = seed
         self.backend_request = backend
         self._init_bookkeeping()
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, p=p,
-                        freeze=freeze, dps=True, capturable=capturable)
         super().__init__(params, defaults)
         if not any(g["dps"] for g in self.param_groups):
             warnings.warn(f"dps_kernels: DPSAdamW(mode={mode!r}) has no DPS parameter (every "
@@ -236,20 +246,8 @@ class DPSAdamW(torch.optim.Optimizer):
 
     @staticmethod
     def _check_group_values(group: dict) -> None:
-        """The hyperparameters of a group (also of a group being loaded from a state)."""
-        _check_number("lr", group["lr"] if not torch.is_tensor(group["lr"])
-                      else float(group["lr"]), 0.0)
-        _check_number("eps", group["eps"], 0.0)
-        _check_number("weight_decay", group["weight_decay"], 0.0)
-        betas = group["betas"]
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        _check_number("betas[0]", betas[0], 0.0, 1.0)
-        _check_number("betas[1]", betas[1], 0.0, 1.0)
-        _check_number("p", group["p"], 0.0, 1.0)
-        for flag in ("freeze", "dps"):
-            if not isinstance(group[flag], bool):
-                raise TypeError(f"{flag} must be a bool, got {group[flag]!r}")
+        """The keys and hyperparameters of a group (also of a group being loaded)."""
+        hyperparams.check_group_values(group)
 
     def _validate_group(self, group: dict, group_index: int) -> None:
         self._check_group_values(group)
@@ -404,11 +402,17 @@ class DPSAdamW(torch.optim.Optimizer):
         request = self.backend_request
         name = auto_backend_name(param.device.type) if request == "auto" else request
         backend = get_backend(name)
-        reason = backend.supports(local(param))
+        tensor = local(param)
+        reason = backend.supports(tensor)
         if reason is not None:
             where = (f"parameter #{self._param_index[id(param)]} ({tuple(param.shape)}, "
                      f"{param.dtype}, {param.device})")
-            if request != "auto":
+            # The fused kernels walk flat memory; a non-contiguous parameter (which
+            # torch.optim.AdamW steps) goes to the torch backend even when a backend was
+            # named, with the warning below. Any other refusal of a named backend is an error.
+            only_layout = (not tensor.is_contiguous()
+                           and backend.supports(tensor.contiguous()) is None)
+            if request != "auto" and not only_layout:
                 raise ValueError(f"backend={request!r} cannot step {where}: {reason}")
             if (name, reason) not in self._fallback_warned:
                 self._fallback_warned.add((name, reason))
@@ -418,6 +422,16 @@ class DPSAdamW(torch.optim.Optimizer):
             backend = get_backend("torch")
         self._backend_cache[id(param)] = backend
         return backend
+
+    def _recheck_backend(self, param) -> None:
+        """The backend chosen when the optimizer was built may no longer take ``param``: a
+        model cast after it (``model.half()`` keeps the parameter objects) would reach the
+        cpu backend with fp16. Choose again, as if the optimizer were built now (``auto``
+        falls back to torch with its warning; a named backend raises)."""
+        backend = self._backend_cache.get(id(param))
+        if backend is not None and backend.supports(local(param)) is not None:
+            del self._backend_cache[id(param)]
+            self._backend_for(param)
 
     def _invalidate_plans(self) -> None:
         """Forget the cached per-group step data (see group_plan.py)."""
@@ -510,7 +524,8 @@ class DPSAdamW(torch.optim.Optimizer):
 
     def _route(self, index: int, group: dict):
         """``(plan, grads)`` when the group's cached plan can take this step, else
-        ``(None, None)`` once the general path's checks passed. Changes nothing."""
+        ``(None, None)`` once the general path's checks passed. Changes nothing (but may choose
+        a parameter's backend again, ``_recheck_backend``)."""
         plan = self._plans.get(index)
         if plan is not None and not plan.still_valid(group):
             plan = None
@@ -533,7 +548,8 @@ class DPSAdamW(torch.optim.Optimizer):
         if all(id(p) in self._param_index for p in params):
             return
         current = {id(p) for p in params}
-        orphaned = [p for p in self.state if id(p) not in current]
+        # (keys of optimizer.state that are not tensors are the user's, as in torch)
+        orphaned = [p for p in self.state if torch.is_tensor(p) and id(p) not in current]
         if all(_steps_taken(self.state[p]) == 0 for p in orphaned):
             for p in orphaned:   # made before any update (e.g. by wiring): remade for the new
                 del self.state[p]
@@ -555,6 +571,7 @@ class DPSAdamW(torch.optim.Optimizer):
         with_grad = [param for param in group["params"] if param.grad is not None]
         for param in with_grad:
             self._check_grad(param, group)
+            self._recheck_backend(param)
         if self.capturable and with_grad and len(with_grad) != len(group["params"]):
             missing = next(param for param in group["params"] if param.grad is None)
             raise RuntimeError(
@@ -805,11 +822,19 @@ class DPSAdamW(torch.optim.Optimizer):
     def state_bytes(self) -> int:
         """Bytes held in optimizer state tensors (moments, GAM, masks, anchors...)."""
         return sum(v.numel() * v.element_size() for s in self.state.values()
-                   for v in s.values() if torch.is_tensor(v))
+                   if isinstance(s, dict) for v in s.values() if torch.is_tensor(v))
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self):
-        return checkpoint.state_dict(self, super().state_dict())
+        """torch's ``state_dict`` plus the DPS entries (``checkpoint.state_dict``), added
+        before the user's post hooks run, so they see (and may replace) the whole state."""
+        user_hooks = self._optimizer_state_dict_post_hooks
+        self._optimizer_state_dict_post_hooks = collections.OrderedDict(
+            [("dps", checkpoint.state_dict), *user_hooks.items()])
+        try:
+            return super().state_dict()
+        finally:   # the same dict again: the users' hook handles still remove from it
+            self._optimizer_state_dict_post_hooks = user_hooks
 
     def load_state_dict(self, state_dict):
         """Load a state saved by :meth:`state_dict` (checks and conversions: ``checkpoint.py``).
@@ -829,13 +854,31 @@ class DPSAdamW(torch.optim.Optimizer):
         accepted and its ``p`` replaces the optimizer's: the saved thresholds and bits were
         chosen with it. They are checked like the constructor's arguments. ``capturable``
         stays the optimizer's.
+
+        The load hooks run as in torch, but around the whole DPS load: the pre hooks before
+        the checks (what they return is what is checked and loaded), the post hooks after
+        the DPS state is restored (and not after a refused load).
         """
-        checkpoint.load(self, state_dict, super().load_state_dict)
+        pre_hooks = self._optimizer_load_state_dict_pre_hooks
+        post_hooks = self._optimizer_load_state_dict_post_hooks
+        state_dict = state_dict.copy() if isinstance(state_dict, dict) else state_dict
+        for hook in pre_hooks.values():
+            result = hook(self, state_dict)
+            state_dict = state_dict if result is None else result
+        self._optimizer_load_state_dict_pre_hooks = collections.OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = collections.OrderedDict()
+        try:
+            checkpoint.load(self, state_dict, super().load_state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = pre_hooks
+            self._optimizer_load_state_dict_post_hooks = post_hooks
+        for hook in post_hooks.values():
+            hook(self)
 
     # ------------------------------------------------------------------ construction helper
     @classmethod
     def from_model(cls, model: torch.nn.Module, *, targets=None, no_decay=None,
-                   weight_decay: float = 0.0, **kwargs) -> "DPSAdamW":
+                   weight_decay: float = 1e-2, **kwargs) -> "DPSAdamW":
         """Build the optimizer for ``model``: DPS on the targeted weights, HF-style decay groups.
 
         ``targets``: module types whose ``weight`` is DPS and/or ``fnmatch`` patterns on full
@@ -845,6 +888,8 @@ class DPSAdamW(torch.optim.Optimizer):
         naming its layer types; Mix/Mixout refuse ``Conv1D`` and tied DPS weights (reason
         in the error). ``no_decay``: ``fnmatch``
         patterns of parameters without weight decay (default: biases and norm-layer weights).
+        ``weight_decay`` (default 0.01, as the constructor and ``torch.optim.AdamW``) is that
+        of the decay groups; the no-decay groups get 0.
         In ``mode="mix"`` and ``mode="mixout"`` the model is wired (:func:`dps_kernels.attach`).
         """
         for name, param in model.named_parameters():   # FSDP1 hides the Linear weights

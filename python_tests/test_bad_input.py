@@ -1,4 +1,6 @@
 """Bad input gets an error that names the argument and the value."""
+import re
+
 import pytest
 import torch
 
@@ -20,10 +22,10 @@ def params():
     (dict(update_steps=None), ValueError, r"pass update_steps, or both total_steps and update_ratio"),
     (dict(update_steps=None, total_steps=10, update_ratio=0.05), ValueError, r"= 0 < 1"),
     (dict(update_steps=0), ValueError, r"update_steps must be >= 1, got 0"),
-    (dict(lr=-1.0), ValueError, r"lr must be .* got -1.0"),
-    (dict(eps=-1e-8), ValueError, r"eps must be .* got -1e-08"),
-    (dict(weight_decay=-0.1), ValueError, r"weight_decay must be .* got -0.1"),
-    (dict(betas=(0.9, 1.0)), ValueError, r"betas\[1\] must be .* got 1.0"),
+    (dict(lr=-1.0), ValueError, r"Invalid learning rate: -1.0 \(lr must be .*\[0.0, inf\)"),
+    (dict(eps=-1e-8), ValueError, r"Invalid epsilon value: -1e-08 \(eps must be"),
+    (dict(weight_decay=-0.1), ValueError, r"Invalid weight_decay value: -0.1 \(weight_decay must"),
+    (dict(betas=(0.9, 1.0)), ValueError, r"Invalid beta parameter at index 1: 1.0 \(betas\[1\]"),
     (dict(betas=(0.9,)), ValueError, r"betas must be a pair"),
     (dict(freeze="yes"), TypeError, r"freeze must be a bool, got 'yes'"),
     (dict(seed=-1), ValueError, r"seed must be an int in \[0, 2\*\*64\), got -1"),
@@ -92,3 +94,61 @@ def test_from_model_bad_targets():
         DPSAdamW.from_model(make(torch.float32), targets=[3], update_steps=2)
     with pytest.raises(ValueError, match="select no trainable parameter"):
         DPSAdamW.from_model(make(torch.float32), targets=["nothing.*"], update_steps=2)
+
+
+@pytest.mark.parametrize("reserve_p", [0, 0.0, -0.5, 1.5, float("nan")])
+def test_reserve_p_message_gives_its_real_range(reserve_p):
+    """Before: reserve_p=0 was said to lie outside "(0.0, inf)"; the range is (0, 1]."""
+    with pytest.raises(ValueError, match=rf"reserve_p must be a finite number in \(0, 1\], "
+                                         rf"got {re.escape(repr(reserve_p))}$"):
+        DPSAdamW(params(), mode="childtuning_f", reserve_p=reserve_p)
+    DPSAdamW(params(), mode="childtuning_f", reserve_p=1)   # the upper end is allowed
+
+
+def _fp16_grads(model, seed=5):
+    gen = torch.Generator().manual_seed(seed)
+    for param in model.parameters():
+        param.grad = torch.randn(param.shape, generator=gen).half()
+
+
+def test_model_cast_to_fp16_after_from_model_steps_with_torch_backend():
+    """Before: auto chose the cpu backend for the fp32 model, and the first step after
+    ``model.half()`` failed in the C++ op's dtype check. Now the backend is chosen again,
+    with the usual fallback warning, and the step is the one of an optimizer built after
+    the cast."""
+    from dps_kernels.backends import unavailable_reason
+    if unavailable_reason("cpu"):
+        pytest.skip(unavailable_reason("cpu"))
+    model, twin = make(torch.float32), make(torch.float32)
+    opt = DPSAdamW.from_model(model, update_steps=2, fp32_moments=True)
+    model.half()
+    twin.half()
+    with pytest.warns(UserWarning, match=r"backend 'cpu' cannot step"):
+        late = DPSAdamW.from_model(twin, update_steps=2, fp32_moments=True)
+    for step in range(3):
+        _fp16_grads(model, step)
+        _fp16_grads(twin, step)
+        if step == 0:
+            with pytest.warns(UserWarning, match=r"backend 'cpu' cannot step parameter #\d+ "
+                              r".*torch.float16.*using the torch backend"):
+                opt.step()
+        else:
+            opt.step()
+        late.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_model_cast_after_building_with_named_cpu_backend_names_the_cause():
+    from dps_kernels.backends import unavailable_reason
+    if unavailable_reason("cpu"):
+        pytest.skip(unavailable_reason("cpu"))
+    model = make(torch.float32)
+    opt = DPSAdamW.from_model(model, update_steps=2, backend="cpu", fp32_moments=True)
+    model.half()
+    _fp16_grads(model)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"backend='cpu' cannot step parameter #\d+ .*float16"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert not opt.state   # the refused step changed nothing

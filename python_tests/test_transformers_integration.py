@@ -427,3 +427,24 @@ def test_trainer_runs_the_baseline_modes(tmp_path):
         model.eval()
         plain = model(input_ids=ids).logits
     assert not torch.equal(mixed, plain)
+
+
+def test_resume_without_optimizer_state_warns(tmp_path):
+    """A save_only_model checkpoint has no optimizer.pt: the Trainer resumes its global step
+    but DPS would restart at step 0 silently; DPSTrainer says so and how to avoid it."""
+    run(tmp_path, "only_model", "dense", save_strategy="steps", save_steps=5, max_steps=6,
+        save_only_model=True)
+    ckpt = tmp_path / "only_model" / "checkpoint-5"
+    assert not (ckpt / "optimizer.pt").exists()
+    with pytest.warns(UserWarning, match=r"global step 5, but the checkpoint holds no optimizer "
+                      r"state .*save_only_model=False"):
+        resumed, _ = run(tmp_path, "resumed", "dense", resume=str(ckpt), max_steps=6)
+    assert {s["step"] for s in resumed.dps_optimizer.state.values()} == {1}   # what it warned of
+
+
+def test_resume_with_optimizer_state_does_not_warn(tmp_path, recwarn):
+    run(tmp_path, "full", "dense", save_strategy="steps", save_steps=5, max_steps=5)
+    resumed, _ = run(tmp_path, "resumed", "dense", resume=str(tmp_path / "full" / "checkpoint-5"),
+                     max_steps=6)
+    assert {s["step"] for s in resumed.dps_optimizer.state.values()} == {6}
+    assert not [w for w in recwarn if "no optimizer state" in str(w.message)]

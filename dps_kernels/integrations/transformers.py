@@ -255,6 +255,23 @@ class DPSTrainer(Trainer):
                 self._choose_child_network(opt_model)
         return self.optimizer
 
+    def _load_optimizer_and_scheduler(self, checkpoint) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        # The Trainer resumes its global step from trainer_state.json but loads the
+        # optimizer only when optimizer.pt exists; without one (save_only_model=True) DPS
+        # would restart its stages at step 0 in the middle of the run, without a word.
+        if checkpoint is None or self.optimizer is None or self.state.global_step == 0:
+            return
+        dps = unwrap_dps_optimizer(self.optimizer)
+        if not any(isinstance(s, dict) and s.get("step", 0) for s in dps.state.values()):
+            warnings.warn(
+                f"DPSTrainer resumes from {checkpoint} at global step "
+                f"{self.state.global_step}, but the checkpoint holds no optimizer state (saved "
+                f"with save_only_model=True?): DPSAdamW starts afresh at DPS step 0, so its "
+                f"stages, GAM and selection restart mid-run. To resume DPS, save checkpoints "
+                f"with save_only_model=False; otherwise start a new run from the saved model",
+                stacklevel=2)
+
     def _choose_child_network(self, model) -> None:
         """CHILD-TUNING_D: the Fisher pass over the training set (at most ``fisher_batches``
         batches), then the fixed subnetwork. Runs before the first step (on resume too;
