@@ -297,9 +297,12 @@ class DPSAdamW(torch.optim.Optimizer):
             # when the optimizer is built, not in the middle of training.
             backend = self._backend_for(param)
             if self.capturable and backend.name != "triton":
+                reason = get_backend("triton").supports(local(param)) \
+                    if unavailable_reason("triton") is None else unavailable_reason("triton")
                 raise ValueError(f"capturable=True needs the triton backend, but {where} "
                                  f"would be stepped by {backend.name!r} (backend="
-                                 f"{self.backend_request!r}, device {param.device})")
+                                 f"{self.backend_request!r}, device {param.device}"
+                                 f"{'; triton: ' + reason if reason else ''})")
 
     def _group_of(self, param) -> dict:
         index = self._group_index.get(id(param))

@@ -206,6 +206,13 @@ def test_capturable_needs_triton():
     model = _model()
     with pytest.raises(ValueError, match="capturable=True needs the triton backend"):
         DPSAdamW.from_model(model, update_steps=2, backend="torch", capturable=True)
+    # a tensor triton cannot take: the error says why, not only which backend it got
+    device = next(_model().parameters()).device
+    strided = nn.Parameter(torch.randn(10, 5, 2, device=device)[..., 0])
+    with pytest.warns(UserWarning, match="not contiguous"), pytest.raises(
+            ValueError, match=r"would be stepped by 'torch'.*triton: the tensor is not "
+                              r"contiguous"):
+        DPSAdamW([strided], update_steps=2, backend="triton", capturable=True)
 
 
 def test_capturable_refuses_partial_gradients():
