@@ -12,8 +12,11 @@ CUDA (outputs of ops on such tensors are tracked too), and
   raises :class:`HostTensorError`, as CUDA would ("Expected all tensors to be on the same
   device"); so does a CPU generator for a CUDA factory.
 
-Inside dps_kernels a factory given an explicit CPU ``device=`` (``device=param.device``) makes
-emulated CUDA: on the GPU that device is the parameter's. Needs ``TRITON_INTERPRET=1``.
+An emulated tensor's ``.device`` reads ``cuda:0`` outside the backend, so ``device=p.device``
+and ``x.to(p.device)`` follow it (in the tests and in dps_kernels); a Python dispatch mode
+tracks what never reaches Python, e.g. the gradients autograd computes. Limits: no
+torch.compile (it refuses Python dispatch modes), no real ``torch.cuda`` calls. Needs
+``TRITON_INTERPRET=1``.
 """
 from __future__ import annotations
 
@@ -96,15 +99,15 @@ class EmulatedCuda(TorchFunctionMode):
         kwargs = dict(kwargs or {})
         if self.paused:
             return func(*args, **kwargs)
-        if getattr(func, "__self__", None) is DEVICE:   # so that ``device=x.device`` and ``x.to(y.device)`` follow
+        if getattr(func, "__self__", None) is DEVICE:   # x.device
             return CUDA if self.tracked(args[0]) else func(*args, **kwargs)
         inputs = list(_tensors(args)) + list(_tensors(kwargs))
         to_cuda = _is_cuda(kwargs.get("device"))
         if func in (torch.Tensor.to, torch.Tensor.cuda):
             positional = [a for a in args[1:] if isinstance(a, (str, torch.device, int))]
             to_cuda = func is torch.Tensor.cuda or to_cuda or any(map(_is_cuda, positional))
-            if to_cuda:
-                out = args[0].clone() if args[0].device.type == "cpu" else args[0].cpu()
+            if to_cuda:   # already "on" CUDA: the tensor itself, as CUDA's .to returns it
+                out = args[0] if self.tracked(args[0]) else args[0].clone()
                 dtype = kwargs.get("dtype") or next(
                     (a for a in args[1:] if isinstance(a, torch.dtype)), None)
                 return self.track(out if dtype is None else out.to(dtype))
