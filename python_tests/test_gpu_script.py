@@ -72,3 +72,37 @@ def test_gpu_day_doc_names_every_part():
     for part in usage:
         assert f"scripts/gpu.sh {part}" in doc, part
     assert "scripts/gpu.sh --dry-run" in doc
+
+
+NCU_LOG = '''### profile: ncu: fused step and histogram kernels
+==PROF== Connected to process 4242 (/usr/bin/python3.12)
+profiled: step dense stage 1
+"ID","Process ID","Kernel Name","dram__bytes.sum","dram__throughput.avg.pct_of_peak_sustained_elapsed","gpu__time_duration.sum"
+"","","","Gbyte","%","msecond"
+"0","4242","_dps_step_kernel","12.07","86.41","3.61"
+"1","4242","_multi_hist_kernel","1.21","71.02","0.42"
+'''
+
+
+def test_summary_reads_the_part_logs(tmp_path):
+    """The summary's parsers on logs shaped like ncu's --csv --page raw, pytest's and
+    compute-sanitizer's output (what a GPU run leaves; none of it runs here)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu_summary
+
+    (tmp_path / "steps.tsv").write_text("part\tstep\trc\tseconds\tcommand\n"
+                                        "tests\tCUDA suite\t1\t250\tpytest\n")
+    (tmp_path / "tests.log").write_text("FAILED python_tests/test_x.py::test_y - boom\n"
+                                        "==== 1 failed, 500 passed, 20 skipped in 250s ====\n")
+    (tmp_path / "profile.log").write_text(NCU_LOG)
+    (tmp_path / "sanitize.log").write_text("cycle dense capturable=False: 5 steps\n"
+                                           "========= ERROR SUMMARY: 0 errors\n")
+    gpu_summary.main([str(tmp_path)])
+    md = (tmp_path / "summary.md").read_text()
+    assert "| tests | CUDA suite | **1** | 250 |" in md
+    assert "- 1 failed, 500 passed, 20 skipped in 250s" in md
+    assert "`FAILED python_tests/test_x.py::test_y - boom`" in md
+    assert "| 0 | _dps_step_kernel | 3.61 | 12.07 | 86.41 |" in md
+    assert "DRAM % of peak (%)" in md
+    assert "`========= ERROR SUMMARY: 0 errors`" in md
+    assert md.count("(part not run)") == 2   # setup, bench
