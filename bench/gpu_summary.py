@@ -22,7 +22,8 @@ def steps_table(text: str) -> list[str]:
     rows = [line.split("\t") for line in text.splitlines()[1:] if line.strip()]
     out = ["| part | step | exit code | seconds |", "|---|---|---|---|"]
     for part, name, rc, seconds, *_ in rows:
-        shown = {"0": "0", "dry": "dry run: not run", "124": "124 (timed out)"}.get(rc, f"**{rc}**")
+        shown = {"0": "0", "dry": "dry run: not run", "124": "124 (timed out)",
+                 "budget": "not run: budget spent"}.get(rc, f"**{rc}**")
         out.append(f"| {part} | {name} | {shown} | {seconds} |")
     return out if rows else ["(no steps recorded)"]
 

