@@ -1,4 +1,4 @@
-"""Stage II selection over all BERT-large DPS tensors: Triton radix select vs torch.sort.
+"""Stage II selection over all BERT-large DPS tensors: Triton radix select vs torch.sort and topk.
 
 For every ``nn.Linear`` weight of BERT-large (from ``transformers.BertConfig``, meta device,
 no download) with a random GAM, selects ``k = ceil(n * (1 - p))`` elements, p = 0.3:
@@ -8,10 +8,12 @@ no download) with a random GAM, selects ``k = ceil(n * (1 - p))`` elements, p = 
 * ``triton_batched``: ``BACKEND.select_thresholds`` over all tensors at once (7 launches);
 * ``triton_approx``: the same with ``approx=True`` (first pass only);
 * ``sort``: ``torch.sort(score, descending=True)`` and ``thr = sorted[k - 1]`` (what the
-  authors' code does, minus their int64 index copies).
+  authors' code does, minus their int64 index copies);
+* ``topk``: ``torch.topk(score, k, sorted=False)`` and ``thr = values.min()`` (torch's
+  exact top-k, unsorted).
 
 Dense scores are GAM; Mix scores are ``GAM * column_factor[col]`` (the factor from a random
-FAM). The masks ``score >= thr`` of triton and sort must be identical (checked on every
+FAM). The masks ``score >= thr`` of triton, topk and sort must be identical (checked on every
 tensor, not timed); the approximate mask must contain the exact one. Target (issue 3):
 triton >= 20x faster than the sort-based selection.
 
@@ -83,12 +85,20 @@ def main() -> None:
                 out.append(torch.sort(score.reshape(-1), descending=True).values[k - 1])
             return out
 
+        def topk_all():
+            out = []
+            for g, f, k in items:
+                score = g if f is None else ref.mix_score(g, f)
+                out.append(torch.topk(score.reshape(-1), k, sorted=False).values.min())
+            return out
+
         # correctness first (untimed): identical masks, approx a superset
         identical = superset = True
-        for (g, f, k), t, b, a, s in zip(items, triton_all(), triton_batched(),
-                                         triton_all(True), sort_all()):
+        for (g, f, k), t, b, a, s, o in zip(items, triton_all(), triton_batched(),
+                                            triton_all(True), sort_all(), topk_all()):
             score = g if f is None else ref.mix_score(g, f)
             identical &= bool(torch.equal(score >= t, score >= s))
+            identical &= bool(torch.equal(score >= o, score >= s))
             identical &= bool(torch.equal(score >= b, score >= s))
             superset &= bool(((score >= s) <= (score >= a)).all())
         extra = sum(int((ref.mix_score(g, f) if f is not None else g).ge(a).sum()) - k
@@ -97,7 +107,7 @@ def main() -> None:
         timings = {name: bench(fn) for name, fn in (
             ("triton", triton_all), ("triton_batched", triton_batched),
             ("triton_approx", lambda: triton_all(True)),
-            ("sort", sort_all))}
+            ("topk", topk_all), ("sort", sort_all))}
         for name, (med, q20, q80) in timings.items():
             records.append(dict(cond, op=name, mode=mode, tensors=len(items), elements=n,
                                 p=args.p, ms=med, ms_q20=q20, ms_q80=q80,

@@ -164,19 +164,15 @@ def measure_state_memory(device, dtype) -> list[dict]:
 
 
 def conditions(device) -> dict:
-    import subprocess
-
     import triton
 
-    def git(*args):
-        out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
-        return out.stdout.strip() if out.returncode == 0 else None
-
-    from bench.env import device_description
+    # bench.env's git: None without git or outside a checkout (a GPU machine may have neither)
+    from bench.env import _git, device_description
+    status = _git("status", "--porcelain", "--untracked-files=no")
     return dict(device=device_description(device), torch=torch.__version__,
                 triton=triton.__version__, cuda=torch.version.cuda,
-                git_commit=git("rev-parse", "HEAD"),
-                git_dirty=bool(git("status", "--porcelain", "--untracked-files=no")),
+                git_commit=_git("rev-parse", "HEAD"),
+                git_dirty=None if status is None else bool(status),
                 interpreter=os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
                 command=" ".join(["python", *map(shlex.quote, sys.argv)]))
 

@@ -24,11 +24,13 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dps_kernels import DPSAdamW
-from dps_kernels.backends import interpreter_enabled, unavailable_reason
+from dps_kernels.backends import unavailable_reason
+from triton_device import compiled_triton
 
 pytestmark = pytest.mark.skipif(
-    unavailable_reason("triton") is not None or not interpreter_enabled(),
-    reason="needs the Triton interpreter (TRITON_INTERPRET=1) to record launches on CPU")
+    unavailable_reason("triton") is not None or compiled_triton(),
+    reason="CPU tensors only: needs the Triton interpreter (TRITON_INTERPRET=1) to record "
+           "launches on CPU")
 
 US = 2          # stage length: boundaries after steps 2, 4, 6
 STEPS = 7

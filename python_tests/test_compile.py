@@ -28,7 +28,8 @@ from torch._dynamo.utils import counters
 from torch.utils.checkpoint import checkpoint
 
 from dps_kernels import DPSAdamW
-from dps_kernels.backends import interpreter_enabled, unavailable_reason
+from dps_kernels.backends import unavailable_reason
+from triton_device import device_for
 
 STEPS, US = 7, 2
 BACKENDS = [pytest.param(name, marks=pytest.mark.skipif(
@@ -52,7 +53,7 @@ class Tiny(nn.Module):
 
 def setup(backend, mode, checkpointed=False, **kw):
     torch.manual_seed(0)
-    model = Tiny(checkpointed)
+    model = Tiny(checkpointed).to(device_for(backend))
     stages = {} if mode == "mixout" else {"update_steps": US}
     opt = DPSAdamW.from_model(model, mode=mode, p=0.3, lr=1e-2, seed=5, backend=backend,
                               **stages, **kw)
@@ -61,9 +62,9 @@ def setup(backend, mode, checkpointed=False, **kw):
 
 def train(model, opt, run, steps, start=0):
     """``steps`` steps; per step the loss, the gradients, the weights and the subnetworks."""
-    record = []
+    record, device = [], model.a.weight.device
     for i in range(start, start + steps):
-        x = torch.randn(8, 16, generator=torch.Generator().manual_seed(100 + i))
+        x = torch.randn(8, 16, generator=torch.Generator().manual_seed(100 + i)).to(device)
         opt.zero_grad()
         loss = run(x).pow(2).mean()
         loss.backward()
@@ -136,8 +137,7 @@ def test_mixout_aot_eager_is_bitwise_eager(backend):
     check_against_eager("aot_eager", backend, "mixout")
 
 
-@pytest.mark.skipif(unavailable_reason("triton") is not None or
-                    (not torch.cuda.is_available() and not interpreter_enabled()),
+@pytest.mark.skipif(unavailable_reason("triton") is not None,
                     reason=f"triton: {unavailable_reason('triton')}")
 @pytest.mark.parametrize("capturable", [False, True], ids=["host", "capturable"])
 def test_triton_mix_aot_eager_is_bitwise_eager(capturable):

@@ -28,7 +28,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import dist_worker as w
-from dps_kernels.backends import interpreter_enabled, unavailable_reason
+from dps_kernels.backends import unavailable_reason
+from triton_device import compiled_triton
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WEIGHT_ATOL = 1e-6
@@ -41,8 +42,9 @@ def backends():
     out = []
     for name in ("torch", "cpu", "triton"):
         reason = unavailable_reason(name)
-        if name == "triton" and reason is None and not interpreter_enabled():
-            reason = "triton needs TRITON_INTERPRET=1 to step CPU tensors"
+        if name == "triton" and reason is None and compiled_triton():
+            # gloo on CPU tensors; compiled triton needs CUDA ones
+            reason = "CPU tensors only: triton needs TRITON_INTERPRET=1 to step them"
         if reason is None:
             out.append(name)
     return out

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from dps_kernels import reference as ref
-from dps_kernels.backends import available_backends, get_backend, interpreter_enabled
+from dps_kernels.backends import available_backends, get_backend
 from dps_kernels.mask_hash import keep_threshold, step_key
 from dps_kernels.step_types import StepKind, TensorStep
+from triton_device import device_for
 
 KINDS = [StepKind.PLAIN, StepKind.DENSE_STAGE1, StepKind.DENSE_STAGE2, StepKind.MIX_STAGE1,
          StepKind.MIX_STAGE2]
@@ -21,13 +22,18 @@ ATOL = {torch.bfloat16: 1e-2, torch.float16: 1e-3}
 
 
 def _backends():
-    names = [n for n in ("cpu", "triton") if n in available_backends()]
-    if "triton" in names and not interpreter_enabled() and not torch.cuda.is_available():
-        names.remove("triton")
-    return names
+    # available_backends() lists triton only where it runs: on CUDA or under the interpreter
+    return [n for n in ("cpu", "triton") if n in available_backends()]
 
 
-def _task(kind, dtype, gen, t):
+def _task(kind, dtype, gen, t, device):
+    """Built with ``gen`` on the CPU (the same numbers for every backend), then moved."""
+    task = _cpu_task(kind, dtype, gen, t)
+    return TensorStep(**{k: (v.to(device) if torch.is_tensor(v) else v)
+                         for k, v in vars(task).items()})
+
+
+def _cpu_task(kind, dtype, gen, t):
     shape = (9, 37)
     cols = shape[1]
     p = (torch.randn(shape, generator=gen) * 2).to(dtype)
@@ -56,13 +62,13 @@ def _clone(task):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("backend", _backends())
 def test_fp32_moments_match_torch_backend(backend, dtype, freeze):
-    fused = get_backend(backend)
-    if fused.supports(torch.zeros(1, dtype=dtype)) is not None:
+    fused, device = get_backend(backend), device_for(backend)
+    if fused.supports(torch.zeros(1, dtype=dtype, device=device)) is not None:
         pytest.skip(f"{backend} does not take {dtype} parameters")
     gen = torch.Generator().manual_seed(4)
     for kind in KINDS:
         for t in (1, 2):
-            a = _task(kind, dtype, gen, t)
+            a = _task(kind, dtype, gen, t, device)
             b = _clone(a)
             fused.step([a], freeze)
             get_backend("torch").step([b], freeze)
@@ -79,14 +85,15 @@ def test_fp32_moments_match_torch_backend(backend, dtype, freeze):
 def _train(dtype, fp32_moments, backend="torch", lr=1e-2, steps=40):
     from torch import nn
     from dps_kernels import DPSAdamW
+    device = device_for(backend)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 4)).to(dtype)
+    model = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 4)).to(device, dtype)
     opt = DPSAdamW.from_model(model, mode="mix", p=0.3, update_steps=10, lr=lr,
                               backend=backend, fp32_moments=fp32_moments)
     gen = torch.Generator().manual_seed(1)
     # small targets, so late gradients are small: their squares underflow fp16
-    x = torch.randn(64, 32, generator=gen).to(dtype)
-    y = (torch.randn(64, 4, generator=gen) * 1e-3).to(dtype)
+    x = torch.randn(64, 32, generator=gen).to(device, dtype)
+    y = (torch.randn(64, 4, generator=gen) * 1e-3).to(device, dtype)
     for _ in range(steps):
         opt.zero_grad()
         ((model(x) - y) ** 2).mean().backward()
@@ -105,6 +112,7 @@ def test_fp16_mix_with_fp32_moments_trains_like_fp32(backend):
     model, opt = _train(torch.float16, True, backend, steps=steps)
     assert all(s["exp_avg_sq"].dtype == torch.float32 for s in opt.state.values())
     for a, b in zip(ref_model.parameters(), model.parameters()):
+        b = b.detach().cpu()   # the reference ran on the CPU
         assert torch.isfinite(b).all()
         close = ((b.float() - a).abs() <= 1e-2).float().mean().item()
         assert close >= 0.99, close

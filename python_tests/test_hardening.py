@@ -8,12 +8,13 @@ from torch import nn
 
 from dps_kernels import DPSAdamW, attach
 from test_state_dict import roundtrip as _roundtrip, train as _train
+from triton_device import device_for
 
 
-def _data(n, seed=1):
+def _data(n, seed=1, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(4, 6, generator=gen), torch.randn(4, 2, generator=gen))
-            for _ in range(n)]
+    return [(torch.randn(4, 6, generator=gen).to(device),
+             torch.randn(4, 2, generator=gen).to(device)) for _ in range(n)]
 
 
 @pytest.mark.parametrize("mode", ["dense", "mix"])
@@ -36,10 +37,11 @@ def test_zero_size_dps_parameter_trains_through_selections(mode, backend):
         def forward(self, x):
             return self.lin(x) + self.empty(x).sum()
 
-    net = Net()
+    device = device_for(backend)
+    net = Net().to(device)
     model, empty = net.lin, net.empty.weight
     opt = DPSAdamW.from_model(net, mode=mode, update_steps=2, lr=1e-2, backend=backend)
-    for x, y in _data(7):   # selections after steps 2 and 6; step 8 is Stage II
+    for x, y in _data(7, device=device):   # selections after steps 2 and 6; step 8 is Stage II
         opt.zero_grad()
         ((net(x) - y) ** 2).mean().backward()
         opt.step()

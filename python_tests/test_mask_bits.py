@@ -26,6 +26,7 @@ from dps_kernels.backends import get_backend, unavailable_reason
 from dps_kernels.mask_hash import columns_of
 from dps_kernels.schedule import selected_count
 from dps_kernels.step_types import GroupStep, MixMask, StepKind, TensorEntry, TensorStep
+from triton_device import device_for
 
 DTYPES = {"torch": (torch.float32, torch.bfloat16, torch.float16),
           "cpu": (torch.float32, torch.bfloat16),
@@ -105,14 +106,14 @@ def _scores(shape, gen, ties):
 @pytest.mark.parametrize("mix", [False, True], ids=["dense", "mix"])
 @pytest.mark.parametrize("ties", [False, True], ids=["random", "ties"])
 def test_pack_equals_reference(name, mix, ties):
-    backend = _backend(name)
+    backend, dev = _backend(name), device_for(name)
     gen = torch.Generator().manual_seed(2)
     for shape in PACK_SHAPES + _big(name):
-        gam = _scores(shape, gen, ties)
+        gam = _scores(shape, gen, ties).to(dev)
         cols = columns_of(shape)
         factor = None
         if mix:
-            fam = torch.randint(0, 4, (cols,), generator=gen).float()
+            fam = torch.randint(0, 4, (cols,), generator=gen).float().to(dev)
             factor = ref.mix_column_factor(fam, 3)
         score = gam if factor is None else ref.mix_score(gam, factor)
         n = gam.numel()
@@ -123,35 +124,38 @@ def test_pack_equals_reference(name, mix, ties):
             assert got.dtype == torch.int32 and torch.equal(got, want), (shape, k)
             assert torch.equal(mb.unpack_mask(got, shape), score >= thr)
             # in place into a buffer full of garbage
-            out = torch.full((mb.num_words(n),), -1, dtype=torch.int32)
+            out = torch.full((mb.num_words(n),), -1, dtype=torch.int32, device=dev)
             assert backend.pack_mask(gam, factor, thr, out=out) is out
             assert torch.equal(out, want), (shape, k)
         # thresholds tied with elements keep all ties; above everything selects nothing
         assert torch.equal(backend.pack_mask(gam, factor, score.reshape(-1)[0].clone()),
                            mb.pack_mask(score, score.reshape(-1)[0]))
-        nothing = backend.pack_mask(gam, factor, torch.tensor(float("inf")))
+        nothing = backend.pack_mask(gam, factor, torch.tensor(float("inf"), device=dev))
         assert not bool(nothing.any())
 
 
 @backends
 def test_pack_rejects_bad_out(name):
-    backend = _backend(name)
-    gam = torch.rand(5, 13)
+    backend, dev = _backend(name), device_for(name)
+    gam, thr = torch.rand(5, 13, device=dev), torch.tensor(0.5, device=dev)
     with pytest.raises(ValueError, match="int32"):
-        backend.pack_mask(gam, None, torch.tensor(0.5), out=torch.zeros(2, dtype=torch.int32))
+        backend.pack_mask(gam, None, thr, out=torch.zeros(2, dtype=torch.int32, device=dev))
     with pytest.raises(ValueError, match="int32"):
-        backend.pack_mask(gam, None, torch.tensor(0.5), out=torch.zeros(3))
+        backend.pack_mask(gam, None, thr, out=torch.zeros(3, device=dev))
 
 
 # ------------------------------------------------------------------ the fused step
-def _stage_two_state(shape, dtype, mix, gen):
+def _stage_two_state(shape, dtype, mix, gen, dev):
+    """Built with ``gen`` on the CPU (the same numbers everywhere), then moved to ``dev``."""
     cols = columns_of(shape)
     st = dict(param=(torch.randn(shape, generator=gen) * 0.5).to(dtype),
               exp_avg=(torch.randn(shape, generator=gen) * 0.1).to(dtype),
               exp_avg_sq=(torch.rand(shape, generator=gen) * 0.01).to(dtype),
               grad=torch.randn(shape, generator=gen).to(dtype),
               gam=torch.randint(0, 5, shape, generator=gen).float(),   # ties
-              fam=torch.randint(0, 4, (cols,), generator=gen).float(), cols=cols)
+              fam=torch.randint(0, 4, (cols,), generator=gen).float())
+    st = {k: v.to(dev) for k, v in st.items()}
+    st["cols"] = cols
     st["factor"] = ref.mix_column_factor(st["fam"], 3) if mix else None
     score = st["gam"] if not mix else ref.mix_score(st["gam"], st["factor"])
     st["threshold"] = ref.kth_largest(score, selected_count(score.numel(), 0.4))
@@ -196,11 +200,11 @@ def _differs(a, b):
 @pytest.mark.parametrize("freeze", [False, True], ids=["nofreeze", "freeze"])
 def test_stage_two_step_with_bits_equals_gam_path(name, dtype, kind, freeze):
     _case(name, dtype)
-    backend = _backend(name)
+    backend, dev = _backend(name), device_for(name)
     gen = torch.Generator().manual_seed(3)
     mix = kind is StepKind.MIX_STAGE2
-    states = [_stage_two_state(s, dtype, mix, gen) for s in STEP_SHAPES + _big(name)]
-    plain = _stage_two_state((5,), dtype, False, gen)
+    states = [_stage_two_state(s, dtype, mix, gen, dev) for s in STEP_SHAPES + _big(name)]
+    plain = _stage_two_state((5,), dtype, False, gen, dev)
     style = "hf_legacy" if freeze else "torch"   # both AdamW styles, alternately
     scalars = ref.adamw_scalars(2e-2, 0.8, 0.95, 1e-6, 0.1, 4, style)
     bits = [backend.pack_mask(st["gam"], st["factor"], st["threshold"]) for st in states]
@@ -220,10 +224,11 @@ def test_stage_two_step_with_bits_equals_gam_path(name, dtype, kind, freeze):
 def test_group_step_with_bits_equals_gam_path(name, mode, freeze):
     """``step_group`` (the optimizer's API; Triton: cached address tables with the
     ``mask_bits`` column) with ``TensorEntry.mask_bits`` set equals the GAM path."""
-    backend = _backend(name)
+    backend, dev = _backend(name), device_for(name)
     gen = torch.Generator().manual_seed(4)
     dtype = torch.float32
-    states = [_stage_two_state(s, dtype, mode == "mix", gen) for s in STEP_SHAPES + _big(name)]
+    states = [_stage_two_state(s, dtype, mode == "mix", gen, dev)
+              for s in STEP_SHAPES + _big(name)]
     scalars = ref.adamw_scalars(2e-2, 0.8, 0.95, 1e-6, 0.1, 4, "torch")
     results = []
     for use_bits in (False, True):
@@ -259,19 +264,20 @@ def test_mix_weight_and_grad_with_bits_equal_gam_path(name, dtype, with_factor):
     # cpu: 2 threads split the 49665 elements of BIG at 24833, not a word boundary
     torch.set_num_threads(2)
     try:
-        _mix_cases(backend, dtype, with_factor, gen, [(1,), (7, 13), (3, 1100)] + _big(name))
+        _mix_cases(backend, device_for(name), dtype, with_factor, gen,
+                   [(1,), (7, 13), (3, 1100)] + _big(name))
     finally:
         torch.set_num_threads(threads)
 
 
-def _mix_cases(backend, dtype, with_factor, gen, shapes):
+def _mix_cases(backend, dev, dtype, with_factor, gen, shapes):
     for shape in shapes:
-        st = _stage_two_state(shape, dtype, with_factor, gen)
+        st = _stage_two_state(shape, dtype, with_factor, gen, dev)
         mask = MixMask(st["cols"], gam=st["gam"], column_factor=st["factor"],
                        threshold=st["threshold"])
         words = backend.pack_mask(st["gam"], st["factor"], st["threshold"])
         bits_mask = MixMask(st["cols"], mask_bits=words)
-        anchor = torch.randn(shape, generator=gen).to(dtype)
+        anchor = torch.randn(shape, generator=gen).to(dev, dtype)
         grad = st["grad"]
         assert torch.equal(backend.mix_grad(grad, bits_mask), backend.mix_grad(grad, mask))
         for p in (0.0, 0.3):
@@ -287,28 +293,28 @@ def _mix_cases(backend, dtype, with_factor, gen, shapes):
 
 @backends
 def test_mix_rejects_bad_bits(name):
-    backend = _backend(name)
-    grad = torch.randn(4, 40)
-    bad = MixMask(40, mask_bits=torch.zeros(4, dtype=torch.int32))   # needs 5 words
+    backend, dev = _backend(name), device_for(name)
+    grad = torch.randn(4, 40, device=dev)
+    bad = MixMask(40, mask_bits=torch.zeros(4, dtype=torch.int32, device=dev))   # needs 5 words
     with pytest.raises((ValueError, RuntimeError), match="int32"):
         backend.mix_grad(grad, bad)
 
 
 def test_triton_rejects_bits_when_capturable():
-    backend = _backend("triton")
-    grad = torch.randn(4, 40)
-    words = mb.pack_bool(torch.ones(4, 40, dtype=torch.bool))
-    mask = MixMask(40, gam=torch.rand(4, 40), column_factor=torch.ones(40),
-                   threshold=torch.tensor(0.5), device_step=torch.zeros(()), key_base=1,
-                   keep_threshold=1 << 23, update_steps=2, mask_bits=words)
+    backend, dev = _backend("triton"), device_for("triton")
+    grad = torch.randn(4, 40, device=dev)
+    words = mb.pack_bool(torch.ones(4, 40, dtype=torch.bool, device=dev))
+    mask = MixMask(40, gam=torch.rand(4, 40, device=dev), column_factor=torch.ones(40, device=dev),
+                   threshold=torch.tensor(0.5, device=dev), device_step=torch.zeros((), device=dev),
+                   key_base=1, keep_threshold=1 << 23, update_steps=2, mask_bits=words)
     with pytest.raises(ValueError, match="capturable"):
         backend.mix_grad(grad, mask)
 
 
 def test_triton_group_rejects_mixed_bits():
-    backend = _backend("triton")
+    backend, dev = _backend("triton"), device_for("triton")
     gen = torch.Generator().manual_seed(6)
-    states = [_stage_two_state(s, torch.float32, False, gen) for s in [(7, 13), (33, 70)]]
+    states = [_stage_two_state(s, torch.float32, False, gen, dev) for s in [(7, 13), (33, 70)]]
     entries = [TensorEntry(st["param"], st["exp_avg"], st["exp_avg_sq"], index=i,
                            cols=st["cols"], gam=st["gam"], threshold=st["threshold"],
                            mask_bits=mb.pack_mask(st["gam"], st["threshold"]) if i else None)

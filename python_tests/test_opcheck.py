@@ -19,16 +19,16 @@ import pytest
 import torch
 
 from dps_kernels import DPSAdamW, attach
-from dps_kernels.backends import get_backend, interpreter_enabled, unavailable_reason
+from dps_kernels.backends import get_backend, unavailable_reason
 from dps_kernels.mask_hash import keep_threshold, key_base, step_key
+from triton_device import triton_device
 
 needs_cpu = pytest.mark.skipif(unavailable_reason("cpu") is not None,
                                reason=f"cpu backend: {unavailable_reason('cpu')}")
 TRITON_REASON = unavailable_reason("triton")
-TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_triton = pytest.mark.skipif(
-    TRITON_REASON is not None or (TRITON_DEVICE == "cpu" and not interpreter_enabled()),
-    reason=f"triton backend: {TRITON_REASON}")
+TRITON_DEVICE = triton_device()
+needs_triton = pytest.mark.skipif(TRITON_REASON is not None,
+                                  reason=f"triton backend: {TRITON_REASON}")
 
 
 def tensors(device="cpu", seed=0):
