@@ -178,13 +178,15 @@ def test_gate_exceptions_are_keyed_by_triton_version_and_row():
     # a read result, or another target, is never waived
     assert len(aot.check_atomics(_fake_gate("3.6.0", [_hist_row("sm_70", 4, 3)]))) == 1
     assert len(aot.check_atomics(_fake_gate("3.6.0", [_hist_row("sm_80", 4, 4)]))) == 1
-    step = {"name": aot.STEP_KERNEL, "target": "sm_80", "spec": "", "spill_stores": 16,
-            "spill_loads": 16, "local": 0,
-            "constexprs": {"PARAM_DTYPE": "bf16", "KIND": 2, "STAGE": 0, "FREEZE": True}}
-    assert aot.check_spills(_fake_gate("3.6.0", [step])) == []
-    assert len(aot.check_spills(_fake_gate("3.9.0", [step]))) == 1
-    step["constexprs"] = {**step["constexprs"], "KIND": 1}
-    assert len(aot.check_spills(_fake_gate("3.6.0", [step]))) == 1
+    step = {"name": aot.STEP_KERNEL, "target": "sm_80", "spec": "", "registers": 146,
+            "num_warps": 4, "shared": 0, "occupancy": {"warps": 12, "limiter": "registers"},
+            "constexprs": {"PARAM_DTYPE": "bf16", "KIND": 2, "STAGE": 1, "FREEZE": True}}
+    assert aot.check_occupancy(_fake_gate("3.6.0", [step])) == []
+    assert len(aot.check_occupancy(_fake_gate("3.9.0", [step]))) == 1
+    step["constexprs"] = {**step["constexprs"], "KIND": 1}     # Dense: no exception
+    assert len(aot.check_occupancy(_fake_gate("3.6.0", [step]))) == 1
+    step["constexprs"] = {**step["constexprs"], "KIND": 2, "STAGE": 2}
+    assert len(aot.check_occupancy(_fake_gate("3.6.0", [step]))) == 1
 
 
 def test_ptxas_and_res_usage_parsing():

@@ -21,11 +21,15 @@ whole list of tensors in 7 launches (see the second half of this file).
 
 Bytes moved per element: 4 (GAM) per pass, 12 in all (+ the factor vector, cached).
 torch.sort moves >= 4 reads + 12 writes per element per radix pass plus an index payload.
+On triton < 3.9 the first pass reads each chunk 4 times (``hist_part_bins``), 3 of them
+expected from L2 (not measured).
 
 Histograms: each program accumulates a private histogram of its tiles with
 ``tl.histogram`` and adds it to the global one with one vector ``atomic_add``. Elements that
 do not match the prefix (or lie past the end) are counted in bin 0 and subtracted again,
 which avoids relying on ``tl.histogram``'s ``mask`` argument (absent in older Triton).
+A program covers all bins of its pass, or, on triton < 3.9, 1024 of the first pass's 4096
+(4 programs per chunk): see ``hist_part_bins``.
 
 approx=True stops after pass 1: threshold = the smallest float whose top 12 key bits are
 the bin b, i.e. sign, 8 exponent bits and the top 3 mantissa bits of the exact k-th
@@ -49,7 +53,7 @@ WORKSPACE = 2 + sum(bins for _, bins in PASSES)  # [prefix, remaining k, histogr
 BLOCK = 1024
 # Histogram launches: 8 warps. A BLOCK tile is then 4 fp32 per thread (one 128-bit load),
 # and triton 3.6 keeps the 1024-bin passes at 79-101 registers (4 warps: 128-168, 12
-# resident warps/SM on sm_90a; bench/results/aot_triton36.md).
+# resident warps/SM on sm_90a; bench/results/aot_triton36/aot.md).
 HIST_WARPS = 8
 
 
