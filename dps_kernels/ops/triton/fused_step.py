@@ -370,8 +370,9 @@ def launch_options(pdtype: torch.dtype, kind: int, stage: int) -> dict:
     136-140 registers (12 warps), and ptxas fits them in 128 without spilling. Not Mix
     Stage I or a capturable Mix launch (which may run Stage I): its keep-mask hash needs
     136-151 registers on 3.6, and under the cap ptxas spills 8-88 B on sm_70/sm_80, so it
-    keeps 12 warps there (a GATE_EXCEPTIONS entry in bench/aot.py). triton 3.9 needs at
-    most 96 registers for any 16-bit launch: the cap changes nothing there."""
+    keeps 12 warps there (a GATE_EXCEPTIONS entry in bench/aot.py). On triton 3.9 the
+    capped launches need at most 96 registers (the cap changes nothing) and the uncapped
+    Mix ones 102-122 (16 warps/SM)."""
     if pdtype == torch.float32:
         return {"num_warps": 8}
     if kind == MIX and stage != 2:
