@@ -10,7 +10,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="$(bash "$ROOT/scripts/setup_oldest_env.sh" | tail -n 1)"
 OLDEST_TESTS=(python_tests/test_aot_gate.py python_tests/test_triton_backend.py
-              python_tests/test_triton_histogram_parts.py python_tests/test_mask_bits.py
+              python_tests/test_triton_histogram_parts.py python_tests/test_triton_loops.py
+              python_tests/test_mask_bits.py
               python_tests/test_supported_versions.py)
 cd "$ROOT"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
