@@ -56,17 +56,25 @@ def _cpu_extension():
 
 ext_modules, cmdclass = _cpu_extension()
 
+# Supported versions: the oldest stack CI tests (scripts/setup_oldest_env.sh installs exactly
+# these lower bounds, with numpy < 2 as triton 3.6's interpreter needs) and the newest it
+# finds (scripts/setup_env.sh). Kept equal to README.md's line and to the oldest-env
+# script by python_tests/test_supported_versions.py.
+PYTHON_MIN = "3.11"   # the only Python of the machines CI runs on
+TORCH_MIN = "2.13"    # the local CPU wheel (2.13.0) is the only torch CI can install
+TRITON_MIN = "3.6"    # AOT gate and interpreter tests in CI (bench/results/aot_triton36/)
+
 setup(
     name="dps_kernels",
     version="0.1.0",
     description="Dynamic Parameter Selection (DPS) fine-tuning as a fused drop-in optimizer",
     packages=find_packages(include=["dps_kernels", "dps_kernels.*"]),
-    python_requires=">=3.9",
-    install_requires=["torch>=2.1"],
+    python_requires=f">={PYTHON_MIN}",
+    install_requires=[f"torch>={TORCH_MIN}"],
     extras_require={
-        "triton": ["triton"],
+        "triton": [f"triton>={TRITON_MIN}"],
         "transformers": ["transformers", "accelerate"],
-        "test": ["pytest", "transformers", "triton", "ninja"],
+        "test": ["pytest", "transformers", f"triton>={TRITON_MIN}", "ninja"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

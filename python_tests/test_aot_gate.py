@@ -142,6 +142,51 @@ def test_ptx_width_counts():
     assert c["loads"] == {"128": 3, "32": 1, "16": 1, "64": 2}   # cp.async 16 B: 128 bits
     assert c["stores"] == {"128": 1, "16": 1}
     assert c["atomics"] == 2 and c["returning_atomics"] == 1
+    assert c["unused_result_atomics"] == 1          # %r8 is never read
+
+
+def test_ptx_atomic_whose_result_is_read():
+    ptx = """
+	mov.u32 %r8, 0x0;
+	@%p4 atom.global.gpu.relaxed.add.u32 %r8, [ %rd7 + 0 ], %r9;
+	@%p5 atom.global.gpu.relaxed.add.u32 %r10, [ %rd8 + 0 ], %r9;
+	add.s32 %r11, %r3, %r8;
+	@%p6 st.global.v2.b32 [ %rd9 + 0 ], { %r12, %r10 };
+	ld.global.v2.b32 { %r13, %r14 }, [ %rd4 + 0 ];
+	@%p7 atom.global.gpu.relaxed.add.u32 %r13, [ %rd8 + 0 ], %r9;
+"""
+    c = aot.ptx_widths(ptx)
+    # %r8 read by the add, %r10 by the store; %r13 only written (by the load and the atom)
+    assert c["returning_atomics"] == 3 and c["unused_result_atomics"] == 1
+
+
+def _fake_gate(triton, rows):
+    return {"meta": {"triton": triton}, "rows": rows}
+
+
+def _hist_row(target, returning, unused):
+    return {"name": "_multi_hist_kernel", "target": target, "constexprs": {"NUM_BINS": 1024},
+            "spec": "", "returning_atomics": returning, "unused_result_atomics": unused}
+
+
+def test_gate_exceptions_are_keyed_by_triton_version_and_row():
+    rows = [_hist_row("sm_70", 4, 4)]
+    old, new = _fake_gate("3.6.0", rows), _fake_gate("3.9.0", rows)
+    assert aot.check_atomics(old) == [] and len(old["waived"]["atomics"]) == 1
+    assert "waived for triton 3.6.0" in old["waived"]["atomics"][0]
+    assert len(aot.check_atomics(new)) == 1 and new["waived"]["atomics"] == []
+    # a read result, or another target, is never waived
+    assert len(aot.check_atomics(_fake_gate("3.6.0", [_hist_row("sm_70", 4, 3)]))) == 1
+    assert len(aot.check_atomics(_fake_gate("3.6.0", [_hist_row("sm_80", 4, 4)]))) == 1
+    step = {"name": aot.STEP_KERNEL, "target": "sm_80", "spec": "", "registers": 146,
+            "num_warps": 4, "shared": 0, "occupancy": {"warps": 12, "limiter": "registers"},
+            "constexprs": {"PARAM_DTYPE": "bf16", "KIND": 2, "STAGE": 1, "FREEZE": True}}
+    assert aot.check_occupancy(_fake_gate("3.6.0", [step])) == []
+    assert len(aot.check_occupancy(_fake_gate("3.9.0", [step]))) == 1
+    step["constexprs"] = {**step["constexprs"], "KIND": 1}     # Dense: no exception
+    assert len(aot.check_occupancy(_fake_gate("3.6.0", [step]))) == 1
+    step["constexprs"] = {**step["constexprs"], "KIND": 2, "STAGE": 2}
+    assert len(aot.check_occupancy(_fake_gate("3.6.0", [step]))) == 1
 
 
 def test_ptxas_and_res_usage_parsing():

@@ -361,6 +361,25 @@ def _step_block(offs, inb, s1, reset, snap, cols, key, keep_threshold, inv_scale
         tl.store(snap_ptr + offs, w_out, mask=inb & snap)
 
 
+def launch_options(pdtype: torch.dtype, kind: int, stage: int) -> dict:
+    """Warps (and a register cap) of the step kernel for a param dtype and kind.
+
+    A BLOCK of 1024 over 8 warps (fp32) or 4 warps (16-bit) is 4 fp32 or 8 16-bit elements
+    per thread: one 128-bit access per buffer. 16-bit launches cap registers at 128, so 4
+    warps x 128 registers keep 16 warps resident per SM: triton 3.6 gives Dense with freeze
+    136-140 registers (12 warps), and ptxas fits them in 128 without spilling. Not Mix
+    Stage I or a capturable Mix launch (which may run Stage I): its keep-mask hash needs
+    136-151 registers on 3.6, and under the cap ptxas spills 8-88 B on sm_70/sm_80, so it
+    keeps 12 warps there (a GATE_EXCEPTIONS entry in bench/aot.py). On triton 3.9 the
+    capped launches need at most 96 registers (the cap changes nothing) and the uncapped
+    Mix ones 102-122 (16 warps/SM)."""
+    if pdtype == torch.float32:
+        return {"num_warps": 8}
+    if kind == MIX and stage != 2:
+        return {"num_warps": 4}
+    return {"num_warps": 4, "maxnreg": 128}
+
+
 class _Layout:
     """Block table of a list of tensor sizes: program -> (tensor, first element).
 
@@ -593,7 +612,7 @@ class FusedStep:
             DERIVE_KEY=derive_key,
             HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
             ALIGNED=aligned, EMULATE_RNE=interpreter_enabled(), BLOCK=BLOCK,
-            num_warps=8 if pdtype == torch.float32 else 4, enable_fp_fusion=False)
+            enable_fp_fusion=False, **launch_options(pdtype, kind, stage))
 
     # ------------------------------------------------------------------ per-task API
     def __call__(self, tasks: list[TensorStep], freeze: bool) -> None:

@@ -21,11 +21,15 @@ whole list of tensors in 7 launches (see the second half of this file).
 
 Bytes moved per element: 4 (GAM) per pass, 12 in all (+ the factor vector, cached).
 torch.sort moves >= 4 reads + 12 writes per element per radix pass plus an index payload.
+On triton < 3.9 the first pass reads each chunk 4 times (``hist_part_bins``), 3 of them
+expected from L2 (not measured).
 
 Histograms: each program accumulates a private histogram of its tiles with
 ``tl.histogram`` and adds it to the global one with one vector ``atomic_add``. Elements that
 do not match the prefix (or lie past the end) are counted in bin 0 and subtracted again,
 which avoids relying on ``tl.histogram``'s ``mask`` argument (absent in older Triton).
+A program covers all bins of its pass, or, on triton < 3.9, 1024 of the first pass's 4096
+(4 programs per chunk): see ``hist_part_bins``.
 
 approx=True stops after pass 1: threshold = the smallest float whose top 12 key bits are
 the bin b, i.e. sign, 8 exponent bits and the top 3 mantissa bits of the exact k-th
@@ -47,6 +51,25 @@ from ...step_types import MAX_TENSOR_ELEMENTS
 PASSES = ((20, 4096), (10, 1024), (0, 1024))   # (shift, bins) of each pass
 WORKSPACE = 2 + sum(bins for _, bins in PASSES)  # [prefix, remaining k, histograms...]
 BLOCK = 1024
+# Histogram launches: 8 warps. A BLOCK tile is then 4 fp32 per thread (one 128-bit load),
+# and triton 3.6 keeps the 1024-bin passes at 79-101 registers (4 warps: 128-168, 12
+# resident warps/SM on sm_90a; bench/results/aot_triton36/aot.md).
+HIST_WARPS = 8
+
+
+def hist_part_bins() -> int:
+    """Bins per histogram program: 4096 (a pass's whole histogram) on triton >= 3.9; 1024
+    on older triton, whose ``tl.histogram`` keeps a per-warp histogram of NUM_BINS / 32
+    registers per lane (4096 bins: 255 registers and ~460 B of spills on triton 3.6), so
+    the 4096-bin first pass runs as 4 programs per chunk of 1024 bins each, each reading
+    the chunk (the 2nd to 4th read from L2, as the programs of a chunk are adjacent).
+    Measured on 3.6, 3.8 (which passes the gate with the 3.6 setting) and 3.9; 3.7 takes
+    the 3.6 setting untested."""
+    return 4096 if _triton_version() >= (3, 9) else 1024
+
+
+def _triton_version() -> tuple:
+    return tuple(int(x) for x in triton.__version__.split(".")[:2])
 
 
 @triton.jit
@@ -54,14 +77,18 @@ def _order_key(s):
     """fp32 -> uint32 whose unsigned order is the float order (sign flip / complement)."""
     bits = s.to(tl.uint32, bitcast=True)
     sign = tl.full((), 0x80000000, tl.uint32)
-    return tl.where((bits & sign) != 0, ~bits, bits | sign)
+    # ``bits ^ ones`` is ``~bits``: triton 3.6's interpreter builds ``~`` on uint32 from
+    # np.full(1, -1, uint32), which numpy >= 2 refuses.
+    ones = tl.full((), 0xFFFFFFFF, tl.uint32)
+    return tl.where((bits & sign) != 0, bits ^ ones, bits | sign)
 
 
 @triton.jit
 def _key_to_float(key):
     """Inverse of _order_key."""
     sign = tl.full((), 0x80000000, tl.uint32)
-    bits = tl.where((key & sign) != 0, key ^ sign, ~key)
+    ones = tl.full((), 0xFFFFFFFF, tl.uint32)   # key ^ ones == ~key (see _order_key)
+    bits = tl.where((key & sign) != 0, key ^ sign, key ^ ones)
     return bits.to(tl.float32, bitcast=True)
 
 
@@ -74,16 +101,26 @@ def _score_key(gam_ptr, factor_ptr, offs, inb, cols, HAS_FACTOR: tl.constexpr):
 
 
 @triton.jit
-def _digit_counts(key, inb, prefix, SHIFT: tl.constexpr, NUM_BINS: tl.constexpr,
-                  HIGH: tl.constexpr, FIRST: tl.constexpr):
-    """Histogram of this pass's digit over the keys that still match the known prefix, and
-    the number of lanes that did not count (they land in bin 0; see _flush_histogram)."""
+def _tile_digits(gam_ptr, factor_ptr, start, n, cols, prefix, SHIFT: tl.constexpr,
+                 NUM_BINS: tl.constexpr, HIGH: tl.constexpr, FIRST: tl.constexpr,
+                 HAS_FACTOR: tl.constexpr, BLOCK: tl.constexpr):
+    """This pass's digit of the BLOCK scores starting at ``start``, and which lanes count
+    (in the tensor and, after the first pass, matching the known prefix).
+
+    A tile wholly inside the tensor runs with an all-true mask of known constancy, so its
+    GAM loads vectorize (128-bit); only the tensor's last tile masks with ``offs < n``."""
+    offs = start + tl.arange(0, BLOCK)
+    if start + BLOCK <= n:
+        inb = tl.zeros([BLOCK], dtype=tl.int32) == 0
+        key = _score_key(gam_ptr, factor_ptr, offs, inb, cols, HAS_FACTOR)
+    else:
+        inb = offs < n
+        key = _score_key(gam_ptr, factor_ptr, offs, inb, cols, HAS_FACTOR)
     if FIRST:
         valid = inb
     else:
         valid = inb & ((key >> HIGH) == (prefix >> HIGH))
-    digit = tl.where(valid, (key >> SHIFT) & (NUM_BINS - 1), 0).to(tl.int32)
-    return tl.histogram(digit, NUM_BINS), tl.sum(1 - valid.to(tl.int32), axis=0)
+    return ((key >> SHIFT) & (NUM_BINS - 1)).to(tl.int32), valid
 
 
 @triton.jit
@@ -100,25 +137,31 @@ def _flush_histogram(hist_ptr, hist, skipped, NUM_BINS: tl.constexpr):
 
 
 @triton.jit
-def _tile_counts(gam_ptr, factor_ptr, start, n, cols, prefix, SHIFT: tl.constexpr,
-                 NUM_BINS: tl.constexpr, HIGH: tl.constexpr, FIRST: tl.constexpr,
-                 HAS_FACTOR: tl.constexpr, BLOCK: tl.constexpr):
-    """Digit histogram (and uncounted lanes) of the BLOCK scores starting at ``start``.
+def _chunk_histogram(gam_ptr, factor_ptr, hist_ptr, first, tiles, part, n, cols, prefix,
+                     SHIFT: tl.constexpr, NUM_BINS: tl.constexpr, PART_BINS: tl.constexpr,
+                     HIGH: tl.constexpr, FIRST: tl.constexpr, HAS_FACTOR: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    """Add to the bins at ``hist_ptr`` the counts of part ``part`` (bins ``[part *
+    PART_BINS, (part + 1) * PART_BINS)``) of the digit histogram of ``tiles`` tiles of
+    BLOCK scores from element ``first``. PART_BINS == NUM_BINS: the whole histogram.
 
-    A tile wholly inside the tensor runs with an all-true mask of known constancy, so its
-    GAM loads vectorize (128-bit); only the tensor's last tile masks with ``offs < n``."""
-    offs = start + tl.arange(0, BLOCK)
-    if start + BLOCK <= n:
-        inb = tl.zeros([BLOCK], dtype=tl.int32) == 0
-        counts, missed = _digit_counts(
-            _score_key(gam_ptr, factor_ptr, offs, inb, cols, HAS_FACTOR), inb, prefix,
-            SHIFT, NUM_BINS, HIGH, FIRST)
-    else:
-        inb = offs < n
-        counts, missed = _digit_counts(
-            _score_key(gam_ptr, factor_ptr, offs, inb, cols, HAS_FACTOR), inb, prefix,
-            SHIFT, NUM_BINS, HIGH, FIRST)
-    return counts, missed
+    A while loop, not ``range(tiles)``: triton 3.6's interpreter converts a runtime loop
+    bound with ``int()`` of a shape-(1,) array, which numpy >= 2 refuses."""
+    hist = tl.zeros([PART_BINS], dtype=tl.int32)
+    skipped = tl.full((), 0, tl.int32)
+    i = tl.full((), 0, tl.int32)
+    while i < tiles:
+        start = tl.multiple_of(first + i * BLOCK, BLOCK)
+        digit, valid = _tile_digits(gam_ptr, factor_ptr, start, n, cols, prefix, SHIFT,
+                                    NUM_BINS, HIGH, FIRST, HAS_FACTOR, BLOCK)
+        if PART_BINS < NUM_BINS:
+            valid = valid & ((digit // PART_BINS) == part)
+            digit = digit % PART_BINS
+        # lanes that do not count land in bin 0 and are taken out again (_flush_histogram)
+        hist += tl.histogram(tl.where(valid, digit, 0), PART_BINS)
+        skipped += tl.sum(1 - valid.to(tl.int32), axis=0)
+        i += 1
+    _flush_histogram(hist_ptr + part * PART_BINS, hist, skipped, PART_BINS)
 
 
 @triton.jit
@@ -148,19 +191,17 @@ def _radix_hist_kernel(
     HIGH: tl.constexpr,         # SHIFT + digit bits: the bits above are the known prefix
     FIRST: tl.constexpr,        # first pass: no prefix to match
     HAS_FACTOR: tl.constexpr,   # Mix score
+    PART_BINS: tl.constexpr,    # bins per program (see hist_part_bins); NUM_BINS: all
     BLOCK: tl.constexpr,
 ):
+    # program id = (chunk of ``tiles`` tiles, part), part fastest: the programs of one
+    # chunk run together, so the parts after the first read it from L2
+    PARTS: tl.constexpr = NUM_BINS // PART_BINS
     pid = tl.program_id(0)
     prefix = tl.load(work_ptr).to(tl.uint32, bitcast=True)
-    hist = tl.zeros([NUM_BINS], dtype=tl.int32)
-    skipped = tl.full((), 0, tl.int32)
-    for i in range(tiles):
-        start = tl.multiple_of((pid * tiles + i) * BLOCK, BLOCK)
-        counts, missed = _tile_counts(gam_ptr, factor_ptr, start, n, cols, prefix, SHIFT,
-                                      NUM_BINS, HIGH, FIRST, HAS_FACTOR, BLOCK)
-        hist += counts
-        skipped += missed
-    _flush_histogram(work_ptr + HIST_OFFSET, hist, skipped, NUM_BINS)
+    _chunk_histogram(gam_ptr, factor_ptr, work_ptr + HIST_OFFSET,
+                     (pid // PARTS) * tiles * BLOCK, tiles, pid % PARTS, n, cols, prefix,
+                     SHIFT, NUM_BINS, PART_BINS, HIGH, FIRST, HAS_FACTOR, BLOCK)
 
 
 @triton.jit(do_not_specialize=["k"])
@@ -241,10 +282,11 @@ def select_threshold(gam: torch.Tensor, column_factor: Optional[torch.Tensor], k
     passes = PASSES[:1] if approx else PASSES
     for i, (shift, bins) in enumerate(passes):
         last = i == len(passes) - 1
-        hist_kernel[(programs,)](
+        part_bins = min(bins, hist_part_bins())
+        hist_kernel[(programs * (bins // part_bins),)](
             gam, factor, work, n, cols, tiles, HIST_OFFSET=offset, SHIFT=shift,
             NUM_BINS=bins, HIGH=shift + bins.bit_length() - 1, FIRST=i == 0,
-            HAS_FACTOR=has_factor, BLOCK=BLOCK)
+            HAS_FACTOR=has_factor, PART_BINS=part_bins, BLOCK=BLOCK, num_warps=HIST_WARPS)
         pick_kernel[(1,)](
             work, out, k, HIST_OFFSET=offset, SHIFT=shift, NUM_BINS=bins, FIRST=i == 0,
             WRITE=last)
@@ -299,9 +341,13 @@ def _multi_hist_kernel(
     HAS_FOUND_INF: tl.constexpr,
     ALIGNED: tl.constexpr,      # every GAM address is a multiple of 16 bytes
     TILES: tl.constexpr,        # BLOCK-element tiles per chunk
+    PART_BINS: tl.constexpr,    # bins per program (see hist_part_bins); NUM_BINS: all
     BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    # program = (chunk, part), part fastest (see _radix_hist_kernel)
+    PARTS: tl.constexpr = NUM_BINS // PART_BINS
+    part = tl.program_id(0) % PARTS
+    pid = tl.program_id(0) // PARTS
     t = tl.load(chunk_ptr + 2 * pid).to(tl.int64)
     if _selection_due(step_addr_ptr, t, update_steps, found_inf_ptr, CAPTURABLE,
                       HAS_FOUND_INF):
@@ -314,15 +360,9 @@ def _multi_hist_kernel(
         factor_ptr = tl.load(addr_ptr + 2 * t + 1).to(tl.pointer_type(tl.float32))
         work = work_ptr + t * WORK_STRIDE
         prefix = tl.load(work).to(tl.uint32, bitcast=True)
-        hist = tl.zeros([NUM_BINS], dtype=tl.int32)
-        skipped = tl.full((), 0, tl.int32)
-        for i in range(TILES):
-            start = tl.multiple_of(chunk_start + i * BLOCK, BLOCK)
-            counts, missed = _tile_counts(gam_ptr, factor_ptr, start, n, cols, prefix, SHIFT,
-                                          NUM_BINS, HIGH, FIRST, HAS_FACTOR, BLOCK)
-            hist += counts
-            skipped += missed
-        _flush_histogram(work + HIST_OFFSET, hist, skipped, NUM_BINS)
+        _chunk_histogram(gam_ptr, factor_ptr, work + HIST_OFFSET, chunk_start, TILES, part, n,
+                         cols, prefix, SHIFT, NUM_BINS, PART_BINS, HIGH, FIRST, HAS_FACTOR,
+                         BLOCK)
 
 
 @triton.jit(do_not_specialize=["update_steps"])
@@ -387,12 +427,14 @@ def _capturable_factor_kernel(
         cols = tl.load(meta_ptr + 2 * t + 1)
         fam_ptr = tl.load(addr_ptr + 2 * t).to(tl.pointer_type(tl.float32))
         factor_ptr = tl.load(addr_ptr + 2 * t + 1).to(tl.pointer_type(tl.float32))
-        for start in range(0, cols, BLOCK):
+        start = cols * 0
+        while start < cols:   # not range(0, cols, BLOCK): see _chunk_histogram
             offs = start + tl.arange(0, BLOCK)
             inb = offs < cols
             f = tl.load(fam_ptr + offs, mask=inb, other=1.0).to(tl.int32)
             f = tl.minimum(tl.maximum(f, 1), update_steps)
             tl.store(factor_ptr + offs, tl.load(table_ptr + f, mask=inb, other=0.0), mask=inb)
+            start += BLOCK
 
 
 def _chunk_table(sizes, tiles: int) -> np.ndarray:
@@ -435,12 +477,14 @@ class _SelectionTables:
         passes = PASSES[:1] if approx else PASSES
         flag = self.ks if found_inf is None else found_inf
         for i, (shift, bins) in enumerate(passes):
-            _multi_hist_kernel[(self.chunks.shape[0],)](
+            part_bins = min(bins, hist_part_bins())
+            _multi_hist_kernel[(self.chunks.shape[0] * (bins // part_bins),)](
                 self.addr, self.meta, self.chunks, self.work, self.steps, update_steps, flag,
                 WORK_STRIDE=WORKSPACE, HIST_OFFSET=offset, SHIFT=shift, NUM_BINS=bins,
                 HIGH=shift + bins.bit_length() - 1, FIRST=i == 0, HAS_FACTOR=self.has_factor,
                 CAPTURABLE=capturable, HAS_FOUND_INF=found_inf is not None,
-                ALIGNED=self.aligned, TILES=self.tiles, BLOCK=BLOCK)
+                ALIGNED=self.aligned, TILES=self.tiles, PART_BINS=part_bins, BLOCK=BLOCK,
+                num_warps=HIST_WARPS)
             _multi_pick_kernel[(self.ks.shape[0],)](
                 self.work, self.ks, self.out_addr, self.steps, update_steps, flag,
                 WORK_STRIDE=WORKSPACE, HIST_OFFSET=offset, SHIFT=shift, NUM_BINS=bins,
