@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The oldest supported stack (setup.py: TORCH_MIN, TRITON_MIN) in its own venv, for CI:
-# torch 2.13.0, triton 3.6.0 and numpy < 2 (triton 3.6's interpreter builds some constants
+# torch 2.13.0 (the oldest torch installable here; TORCH_MIN, 2.11, is the GPU machine's),
+# triton 3.6.0 and numpy < 2 (triton 3.6's interpreter builds some constants
 # with np.full(..., -1, uint32), which numpy >= 2 refuses), plus pytest and ninja.
 # Idempotent. The package is NOT installed here: callers run from the repository root with
 # PYTHONPATH=$ROOT, so this venv and .venv share one source tree (and the C++ extension
