@@ -199,11 +199,45 @@ def target_rows(rows):
     return out
 
 
+def chosen_rows(rows):
+    """The runs at each experiment's chosen lr (the best vanilla held-out mean: what
+    ``--lr-from-store`` picks), and a Markdown table of the vanilla lr search. Without
+    this the summary would pick, per target, the lr with the most runs and break ties by
+    that target's mean, i.e. look at the targets."""
+    chosen, search = [], []
+    for task, subset in sorted({(r["task"], r.get("subset")) for r in rows}):
+        part = [r for r in rows if (r["task"], r.get("subset")) == (task, subset)]
+        vanilla_lrs = sorted({float(r["lr"]) for r in part if r["method"] == "vanilla"})
+        if len(vanilla_lrs) <= 1:
+            chosen += part
+            continue
+        view = type("View", (), {"rows": part})
+        lr = glue_dps.best_vanilla_lr(view, task, subset)
+        chosen += [r for r in part if float(r["lr"]) == lr]
+        targets = sorted({t for r in part for t in r["metrics"]}, key=TARGETS.index)
+        search += [f"vanilla lr search of {task} ({subset} train; chosen on the held-out "
+                   f"{nli_data.TITLES[part[0]['source']]} accuracy only: lr {lr:g}):", "",
+                   "| lr | " + " | ".join(nli_data.TITLES[t] for t in targets) + " |",
+                   "|---|" + "---|" * len(targets)]
+        for x in vanilla_lrs:
+            runs = [r for r in part if r["method"] == "vanilla" and float(r["lr"]) == x]
+            cells = []
+            for t in targets:
+                vals = [r["metrics"][t] for r in runs if t in r["metrics"]]
+                cells.append(f"{sum(vals) / len(vals):.2f} (n={len(vals)})" if vals else "-")
+            search.append(f"| {x:g} | " + " | ".join(cells) + " |")
+        search.append("")
+    return chosen, "\n".join(search)
+
+
 def report(store, args):
     labels = {name: m.label for name, m in glue_methods.METHODS.items()}
-    summary = glue_store.summarize(target_rows(store.rows))
+    rows, search = chosen_rows(store.rows)
+    summary = glue_store.summarize(target_rows(rows))
     table = glue_store.markdown(summary, REPORT_METHODS + [m for m in glue_methods.METHODS
                                                           if m not in REPORT_METHODS], labels)
+    if search:
+        table += "\n\n" + search
     sources = sorted({r.get("source") for r in store.rows} - {None})
     head = ("Trained on " + ", ".join(nli_data.TITLES[s] for s in sources) + " dev-sample "
             "examples (dev examples used as training data), evaluated without further "

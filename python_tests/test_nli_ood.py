@@ -121,6 +121,12 @@ def test_report_rows_per_target_and_failed_runs(tmp_path):
     assert summary[("MNLI-m", "dense")]["failed"] == 0         # 71, 73 >= 71
     assert summary[("Avg", "vanilla")]["values"] == [60.0, 63.0]
     assert summary[("RTE", "vanilla")]["metric"] == "acc, OOD, 277 ex."
+    # a vanilla lr search: the report keeps the lr with the best held-out mean (seed 1:
+    # 70 vs 65), never the one a target likes better (RTE 90)
+    rows.append({**rows[0], "lr": 2e-4, "value": 65.0, "metrics": {"mnli_m": 65.0, "rte": 90.0}})
+    chosen, search = nli_ood.chosen_rows(rows)
+    assert {r["lr"] for r in chosen} == {1e-4} and len(chosen) == 4
+    assert "lr 0.0001" in search and "| 0.0002 | 65.00 (n=1) | 90.00 (n=1) |" in search
 
 
 # ---- the p sweep (Figure 2) of glue_dps ----------------------------------------------------
