@@ -277,6 +277,7 @@ def main(argv=None):
         lrs = [glue_dps.best_vanilla_lr(store, task, args.n_train)]
         print(f"# lr {lrs[0]:g} (best vanilla held-out mean in the store)", flush=True)
     data = None
+    commit = glue_dps.environment(args)["commit"]   # of the checkout each run was made with
     with tempfile.TemporaryDirectory(prefix="nli_ood_") as workdir:
         for seed in args.seeds:           # seeds outermost: an interruption leaves whole seeds
             for lr in lrs:
@@ -295,6 +296,7 @@ def main(argv=None):
                               + ", ".join(f"{t} {len(v)}" for t, v in sets.items()), flush=True)
                     row = run_one(args, method, seed, lr, hparams, data, tokenizer, workdir)
                     row["key"] = key
+                    row["commit"] = commit
                     store.add(row)
                     accs = ", ".join(f"{nli_data.TITLES[t]} {v:.2f}" for t, v in row["metrics"].items())
                     print(f"{name:14s} seed {seed} lr {lr:g} {hparams}: {accs} "

@@ -221,7 +221,7 @@ def test_nli_ood_smoke_end_to_end(tmp_path):
         assert r["train_steps"] == 2 and r["value"] == r["metrics"]["mnli_m"]
         # accuracies of 8 examples: multiples of 12.5
         assert all(v % 12.5 == 0 and 0 <= v <= 100 for v in r["metrics"].values())
-    assert rows[1]["update_steps"] == 1
+    assert rows[1]["update_steps"] == 1 and all("commit" in r for r in rows)
     summary = (tmp_path / "summary.md").read_text()
     assert "dev examples used as training data" in summary
     assert "RTE (acc, OOD, 8 ex.)" in summary and "MNLI-m (acc, held out, 8 ex.)" in summary
