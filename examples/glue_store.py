@@ -206,7 +206,8 @@ def p_sweep_plots(summary: list[dict], methods: list[str], labels: dict, out_dir
             continue
         fig, ax = plt.subplots(figsize=(0.55 * len(boxes) + 2.5, 4))
         data = [[v for v in s["values"] if not math.isnan(v)] for _, _, s in boxes]
-        bp = ax.boxplot(data, patch_artist=True, flierprops={"marker": "o", "markerfacecolor": "none"})
+        bp = ax.boxplot(data, patch_artist=True,
+                        flierprops={"marker": "o", "markerfacecolor": "none"})
         for patch, (i, _, _) in zip(bp["boxes"], boxes):
             patch.set_facecolor(colours[i % len(colours)])
             patch.set_alpha(0.5)
@@ -218,6 +219,7 @@ def p_sweep_plots(summary: list[dict], methods: list[str], labels: dict, out_dir
                        label="vanilla mean")
         ax.set_xticks(range(1, len(boxes) + 1))
         ax.set_xticklabels([labels.get(s["method"], s["method"]).split(" (")[0]
+                            .replace("CHILD-TUNING_D", "CT_D")   # the paper's short name
                             + ("" if p is None else f"\np={p:g}") for _, p, s in boxes],
                            fontsize=6)
         ax.set_ylabel(part[0]["metric"])
