@@ -243,6 +243,12 @@ def report(store, args):
             "examples (dev examples used as training data), evaluated without further "
             "training; a 6-layer MiniLM, not BERT-large. RTE: three-way predictions mapped "
             "to entailment vs not.\n\n") if sources else ""
+    commits = sorted({r.get("commit") or "unrecorded" for r in store.rows})
+    if store.rows:
+        head += (f"{len(store.rows)} runs in `{os.path.relpath(args.store, REPO)}`, made at "
+                 f"package commit(s) {', '.join(c[:12] for c in commits)}; this report was "
+                 "written by `python "
+                 "examples/nli_ood.py " + " ".join(sys.argv[1:]) + "`.\n\n")
     os.makedirs(args.report, exist_ok=True)
     with open(os.path.join(args.report, "summary.md"), "w") as f:
         f.write(head + table + "\n")
