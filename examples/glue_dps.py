@@ -394,7 +394,8 @@ def report(store, args):
     with open(os.path.join(args.report, "environment.json"), "w") as f:
         json.dump({"environment": environment(args), "command": " ".join(sys.argv)}, f, indent=1)
     if args.p_sweep:
-        plots = glue_store.p_sweep_plots(summary, SWEEP_METHODS, labels, args.report)
+        plots = glue_store.p_sweep_plots(summary, SWEEP_METHODS, labels, args.report,
+                                         ps=args.p_sweep)
     else:
         plots = glue_store.box_plots(summary, list(glue_methods.METHODS), labels, args.report)
     return table, plots

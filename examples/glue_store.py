@@ -180,10 +180,12 @@ def subnetwork_p(method: str, hparams: str) -> Optional[float]:
     return None
 
 
-def p_sweep_plots(summary: list[dict], methods: list[str], labels: dict, out_dir: str) -> list[str]:
+def p_sweep_plots(summary: list[dict], methods: list[str], labels: dict, out_dir: str,
+                  ps: Optional[list] = None) -> list[str]:
     """Figure 2 of the paper: per (task, subset) one PNG, ``<TASK>_<subset>_p_sweep.png``, with
     a box per (method, p) over seeds (solid dot: mean; hollow: outliers) and vanilla's box and
-    mean (dashed line; runs below it are the failed runs)."""
+    mean (dashed line; runs below it are the failed runs). ``ps``: only these p (a merged
+    store may hold other points, e.g. the Table 3 default of CHILD-TUNING_D)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -198,7 +200,9 @@ def p_sweep_plots(summary: list[dict], methods: list[str], labels: dict, out_dir
         part = [s for s in main if (s["task"], s["subset"]) == (task, subset)]
         boxes = []   # (method index, p, entry)
         for i, m in enumerate(methods):
-            entries = [s for s in part if s["method"] == m]
+            entries = [s for s in part if s["method"] == m and (
+                ps is None or subnetwork_p(m, s["hparams"]) is None
+                or any(abs(subnetwork_p(m, s["hparams"]) - p) < 1e-9 for p in ps))]
             entries.sort(key=lambda s: (subnetwork_p(m, s["hparams"]) is None,
                                         subnetwork_p(m, s["hparams"]) or 0.0))
             boxes += [(i, subnetwork_p(m, s["hparams"]), s) for s in entries]

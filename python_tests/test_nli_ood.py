@@ -177,7 +177,8 @@ def test_p_sweep_base_store_and_plot(tmp_path):
     assert by_p[0.1]["failed"] == 1 and by_p[0.5]["failed"] == 0    # vanilla mean 11
     assert by_p[None]["method"] == "vanilla"
     assert glue_store.subnetwork_p("childtuning_d", "reserve_p=0.7") == 0.3
-    paths = glue_store.p_sweep_plots(summary, glue_dps.SWEEP_METHODS, {}, str(tmp_path))
+    paths = glue_store.p_sweep_plots(summary, glue_dps.SWEEP_METHODS, {}, str(tmp_path),
+                                     ps=[0.1, 0.5])
     assert [os.path.basename(p) for p in paths] == ["CoLA_1000_p_sweep.png"]
     with open(paths[0], "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
