@@ -49,6 +49,7 @@ import glue_store  # noqa: E402
 DEFAULT_DATA_DIR = os.path.join(REPO, "..", "shared", "data", "glue")
 DEFAULT_TASKS = ["RTE", "MRPC", "CoLA", "STS-B"]
 METHODS = tuple(glue_methods.METHODS)
+SWEEP_METHODS = ["vanilla", "mixout", "childtuning_d", "dense", "mix"]  # Figure 2's order
 
 
 def default_model_path():
@@ -77,6 +78,14 @@ def parse_args(argv=None):
                          "(run a vanilla search with --lrs first); replaces --lrs")
     ap.add_argument("--grid", action="store_true",
                     help="run each method's Appendix D hyperparameter grid instead of its default")
+    ap.add_argument("--p-sweep", nargs="+", type=float, default=None, metavar="P",
+                    help="the paper's Figure 2: run each subnetwork method at every P (DPS "
+                         "Dense/Mix and Mixout p=P with their other defaults, CHILD-TUNING_D "
+                         "reserve_p=1-P); methods without a p (vanilla) run once")
+    ap.add_argument("--base-store", nargs="+", default=[], metavar="STORE",
+                    help="stores read, never written: their runs count as done (and enter the "
+                         "report when they are runs of this experiment), --lr-from-store "
+                         "reads the vanilla lr from them too")
     ap.add_argument("--subset", "--max-train", dest="subset", type=int, default=None,
                     help="a fixed random subset of the train set (Table 3: 500 or 1000)")
     ap.add_argument("--max-dev", type=int, default=None, help="random subset of the dev set")
@@ -106,6 +115,10 @@ def parse_args(argv=None):
                     help="a CPU check: 64 train / 64 dev examples, 1 seed, max length 64, "
                          "4 steps with update_steps=1 (Stage I, II, I, II)")
     args = ap.parse_args(argv)
+    if args.p_sweep and args.grid:
+        ap.error("--p-sweep and --grid are alternatives")
+    if args.p_sweep and not all(0.0 < p < 1.0 for p in args.p_sweep):
+        ap.error("--p-sweep values must lie in (0, 1)")
     if args.smoke:
         args.subset = args.subset or 64
         args.max_dev = args.max_dev or 64
@@ -203,11 +216,51 @@ def dps_config(method, hparams, args):
     raise ValueError(f"no DPS configuration for method {method.name!r}")
 
 
-def run_one(args, task, method, seed, lr, hparams, data, tokenizer, workdir):
+def training_arguments(args, output_dir, seed, lr):
+    """The paper's recipe as ``TrainingArguments`` (and the precision it runs in)."""
     import torch
-    from transformers import (AutoModelForSequenceClassification, DataCollatorWithPadding,
-                              TrainingArguments, set_seed)
+    from transformers import TrainingArguments
+
+    precision, flags = precision_flags(args.precision, torch)
+    targs = TrainingArguments(
+        output_dir=output_dir, seed=seed, data_seed=seed,
+        per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.eval_batch_size,
+        learning_rate=lr, num_train_epochs=args.epochs, max_steps=args.max_steps,
+        warmup_steps=args.warmup_ratio, lr_scheduler_type="linear", weight_decay=args.weight_decay,
+        # the fused AdamW kernel (the same update as adamw_torch): on CPU it steps the 22M
+        # MiniLM parameters ~5x faster than the foreach path (0.08 vs 0.45 s per step, 1 thread)
+        max_grad_norm=args.max_grad_norm, optim="adamw_torch_fused", save_strategy="no",
+        eval_strategy="no", logging_strategy="no", report_to=[], disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, **flags)
+    return targs, precision
+
+
+def make_trainer(args, method, hparams, common):
+    """The Trainer of ``method``: DPSTrainer for the DPSAdamW modes (and for vanilla under
+    ``--adamw-style hf_legacy``), else the Trainer's AdamW with the method's loss recipe.
+    ``common``: the Trainer's keyword arguments (model, args, datasets, collator)."""
     from dps_kernels.integrations.transformers import DPSConfig, DPSTrainer
+
+    if method.dps_mode is not None:
+        return DPSTrainer(**common, dps_config=dps_config(method, hparams, args))
+    if args.adamw_style == "hf_legacy":
+        # The paper's baseline used the same legacy AdamW as its DPS runs; DPS with p=0
+        # selects every element, i.e. it is exactly that AdamW.
+        if method.recipe in ("r3f", "rdrop"):
+            raise SystemExit("--adamw-style hf_legacy with R3F/R-Dropout is not wired up")
+        return DPSTrainer(**common, dps_config=DPSConfig(
+            mode="dense", p=0.0, update_steps=1, adamw_style=args.adamw_style, backend=args.backend))
+    recipe = None
+    if method.recipe == "r3f":
+        recipe = lambda m, x: glue_methods.r3f_loss(m, x, **hparams)  # noqa: E731
+    elif method.recipe == "rdrop":
+        recipe = lambda m, x: glue_methods.rdrop_loss(m, x, **hparams)  # noqa: E731
+    return RecipeTrainer.make(recipe)(**common)
+
+
+def run_one(args, task, method, seed, lr, hparams, data, tokenizer, workdir):
+    from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, set_seed
+    from dps_kernels.integrations.transformers import DPSTrainer
 
     spec = glue_data.task_spec(task)
     overrides = {}
@@ -218,35 +271,11 @@ def run_one(args, task, method, seed, lr, hparams, data, tokenizer, workdir):
         args.model, num_labels=spec.num_labels, **overrides)
     if method.recipe == "reinit":
         glue_methods.reinit_top_layers(model, hparams["layers"])
-    precision, flags = precision_flags(args.precision, torch)
-    targs = TrainingArguments(
-        output_dir=os.path.join(workdir, f"{task}-{method.name}-{seed}"), seed=seed, data_seed=seed,
-        per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.eval_batch_size,
-        learning_rate=lr, num_train_epochs=args.epochs, max_steps=args.max_steps,
-        warmup_steps=args.warmup_ratio, lr_scheduler_type="linear", weight_decay=args.weight_decay,
-        # the fused AdamW kernel (the same update as adamw_torch): on CPU it steps the 22M
-        # MiniLM parameters ~5x faster than the foreach path (0.08 vs 0.45 s per step, 1 thread)
-        max_grad_norm=args.max_grad_norm, optim="adamw_torch_fused", save_strategy="no",
-        eval_strategy="no", logging_strategy="no", report_to=[], disable_tqdm=True,
-        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, **flags)
+    targs, precision = training_arguments(
+        args, os.path.join(workdir, f"{task}-{method.name}-{seed}"), seed, lr)
     common = dict(model=model, args=targs, train_dataset=data["train"],
                   data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer)
-    if method.dps_mode is not None:
-        trainer = DPSTrainer(**common, dps_config=dps_config(method, hparams, args))
-    elif args.adamw_style == "hf_legacy":
-        # The paper's baseline used the same legacy AdamW as its DPS runs; DPS with p=0
-        # selects every element, i.e. it is exactly that AdamW.
-        if method.recipe in ("r3f", "rdrop"):
-            raise SystemExit("--adamw-style hf_legacy with R3F/R-Dropout is not wired up")
-        trainer = DPSTrainer(**common, dps_config=DPSConfig(
-            mode="dense", p=0.0, update_steps=1, adamw_style=args.adamw_style, backend=args.backend))
-    else:
-        recipe = None
-        if method.recipe == "r3f":
-            recipe = lambda m, x: glue_methods.r3f_loss(m, x, **hparams)  # noqa: E731
-        elif method.recipe == "rdrop":
-            recipe = lambda m, x: glue_methods.rdrop_loss(m, x, **hparams)  # noqa: E731
-        trainer = RecipeTrainer.make(recipe)(**common)
+    trainer = make_trainer(args, method, hparams, common)
     start = time.perf_counter()
     train_out = trainer.train()
     train_seconds = time.perf_counter() - start
@@ -298,6 +327,27 @@ def best_vanilla_lr(store, task, subset):
     return max(means, key=means.get)
 
 
+def sweep_point(name, p):
+    """The hyperparameters of method ``name`` at subnetwork probability ``p`` (Figure 2), or
+    None when the method has no p (it then runs at its default, once)."""
+    base = dict(glue_methods.DEFAULTS.get(name, {}))
+    if "p" in base:
+        return {**base, "p": p}
+    if "reserve_p" in base:
+        return {**base, "reserve_p": round(1.0 - p, 10)}  # 0.7, not 0.7000000000000001
+    return None
+
+
+def method_points(name, args):
+    if args.grid:
+        return glue_methods.grid(name)
+    default = [glue_methods.DEFAULTS.get(name, {})]
+    if args.p_sweep:
+        points = [sweep_point(name, p) for p in args.p_sweep]
+        return default if points[0] is None else points
+    return default
+
+
 def planned_runs(args, store):
     """Every (task, method, seed, lr, hparams) to run, in the order they run: seeds outermost,
     so an interrupted experiment has whole seeds of every method."""
@@ -312,10 +362,26 @@ def planned_runs(args, store):
                     method = glue_methods.METHODS[name]
                     if not glue_methods.applicable(method, regression):
                         continue
-                    points = (glue_methods.grid(name) if args.grid
-                              else [glue_methods.DEFAULTS.get(name, {})])
-                    for hparams in points:
+                    for hparams in method_points(name, args):
                         yield task, method, seed, lr, dict(hparams)
+
+
+class BaseStores:
+    """The experiment's store plus read-only ``--base-store`` files: what counts as done and
+    where the vanilla lr is looked up. New runs are added to the experiment's store only."""
+
+    def __init__(self, store, paths):
+        self.store = store
+        self.extra = []
+        for path in paths:
+            if not os.path.isfile(path):
+                raise SystemExit(f"--base-store {path}: no such file")
+            self.extra += glue_store.RunStore(path).rows
+        self.rows = store.rows + self.extra
+        self.keys = {r["key"] for r in self.extra}
+
+    def done(self, key):
+        return key in self.keys or self.store.done(key)
 
 
 def report(store, args):
@@ -327,7 +393,11 @@ def report(store, args):
         f.write(table + "\n")
     with open(os.path.join(args.report, "environment.json"), "w") as f:
         json.dump({"environment": environment(args), "command": " ".join(sys.argv)}, f, indent=1)
-    plots = glue_store.box_plots(summary, list(glue_methods.METHODS), labels, args.report)
+    if args.p_sweep:
+        plots = glue_store.p_sweep_plots(summary, SWEEP_METHODS, labels, args.report,
+                                         ps=args.p_sweep)
+    else:
+        plots = glue_store.box_plots(summary, list(glue_methods.METHODS), labels, args.report)
     return table, plots
 
 
@@ -352,11 +422,14 @@ def main(argv=None):
         print(table)
         return store.rows
     store = glue_store.RunStore(args.store)
+    base = BaseStores(store, args.base_store)
     data_of = {}
     with tempfile.TemporaryDirectory(prefix="glue_dps_") as workdir:
-        for task, method, seed, lr, hparams in planned_runs(args, store):
+        planned = set()
+        for task, method, seed, lr, hparams in planned_runs(args, base):
             key = glue_store.run_key(task, method.name, seed, lr, args.subset, hparams)
-            if store.done(key):
+            planned.add(key)
+            if base.done(key):
                 continue
             if task not in data_of:
                 spec = glue_data.task_spec(task)
@@ -372,6 +445,9 @@ def main(argv=None):
             print(f"{task:6s} {method.name:14s} seed {seed} lr {lr:g} {hparams}: {row['metric']} "
                   f"{row['value']:.2f} ({extra}; {row['train_steps']} steps, "
                   f"{row['train_seconds']:.1f} s)", flush=True)
+    if args.base_store:  # this experiment's runs: its own store and what it reused
+        store.rows = store.rows + [r for r in base.extra
+                                   if r["key"] in planned and not store.done(r["key"])]
     table, plots = report(store, args)
     print()
     print(table)

@@ -167,3 +167,73 @@ def box_plots(summary: list[dict], methods: list[str], labels: dict, out_dir: st
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def subnetwork_p(method: str, hparams: str) -> Optional[float]:
+    """The Figure 2 probability of a summary entry: ``p`` (DPS, Mixout) or ``1 - reserve_p``
+    (CHILD-TUNING_D); None for a method without one (vanilla)."""
+    values = dict(item.split("=", 1) for item in hparams.split(", ") if "=" in item)
+    if "p" in values:
+        return float(values["p"])
+    if "reserve_p" in values:
+        return round(1.0 - float(values["reserve_p"]), 10)
+    return None
+
+
+def p_sweep_plots(summary: list[dict], methods: list[str], labels: dict, out_dir: str,
+                  ps: Optional[list] = None) -> list[str]:
+    """Figure 2 of the paper: per (task, subset) one PNG, ``<TASK>_<subset>_p_sweep.png``, with
+    a box per (method, p) over seeds (solid dot: mean; hollow: outliers) and vanilla's box and
+    mean (dashed line; runs below it are the failed runs). ``ps``: only these p (a merged
+    store may hold other points, e.g. the Table 3 default of CHILD-TUNING_D)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    main = main_entries(summary)
+    colours = ["0.6", "tab:orange", "tab:green", "tab:blue", "tab:purple", "tab:red"]
+    for task, subset in sorted({(s["task"], s["subset"]) for s in main},
+                               key=lambda x: (x[0], x[1] is None, x[1])):
+        part = [s for s in main if (s["task"], s["subset"]) == (task, subset)]
+        boxes = []   # (method index, p, entry)
+        for i, m in enumerate(methods):
+            entries = [s for s in part if s["method"] == m and (
+                ps is None or subnetwork_p(m, s["hparams"]) is None
+                or any(abs(subnetwork_p(m, s["hparams"]) - p) < 1e-9 for p in ps))]
+            entries.sort(key=lambda s: (subnetwork_p(m, s["hparams"]) is None,
+                                        subnetwork_p(m, s["hparams"]) or 0.0))
+            boxes += [(i, subnetwork_p(m, s["hparams"]), s) for s in entries]
+        if not boxes:
+            continue
+        fig, ax = plt.subplots(figsize=(0.55 * len(boxes) + 2.5, 4))
+        data = [[v for v in s["values"] if not math.isnan(v)] for _, _, s in boxes]
+        bp = ax.boxplot(data, patch_artist=True,
+                        flierprops={"marker": "o", "markerfacecolor": "none"})
+        for patch, (i, _, _) in zip(bp["boxes"], boxes):
+            patch.set_facecolor(colours[i % len(colours)])
+            patch.set_alpha(0.5)
+        ax.plot(range(1, len(boxes) + 1), [s["mean"] for _, _, s in boxes], "ko", ms=4,
+                linestyle="none", label="mean")
+        vanilla = next((s for _, _, s in boxes if s["method"] == "vanilla"), None)
+        if vanilla is not None:
+            ax.axhline(vanilla["mean"], color="0.3", linestyle="--", linewidth=0.8,
+                       label="vanilla mean")
+        ax.set_xticks(range(1, len(boxes) + 1))
+        ax.set_xticklabels([labels.get(s["method"], s["method"]).split(" (")[0]
+                            .replace("CHILD-TUNING_D", "CT_D")   # the paper's short name
+                            + ("" if p is None else f"\np={p:g}") for _, p, s in boxes],
+                           fontsize=6)
+        ax.set_ylabel(part[0]["metric"])
+        ns = [s["n"] for _, _, s in boxes]
+        ax.set_title(f"{task}, {'full' if subset is None else subset} train: p sweep, "
+                     f"n={min(ns)}-{max(ns)} seeds", fontsize=9)
+        ax.legend(fontsize=7, loc="lower right")
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"{task}_{'full' if subset is None else subset}_p_sweep.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
